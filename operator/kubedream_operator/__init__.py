@@ -1,0 +1,1 @@
+"""KubeDream operator: FineTuneJob spec, rendering, status and the kopf controller."""

@@ -1,0 +1,1 @@
+"""Fixtures for the real test bed (filled in by the test-bed work)."""

@@ -1,0 +1,1 @@
+"""KubeDream trainer: EveryDream-style fine-tuning of diffusion models, locally or in a pod."""

@@ -1,0 +1,104 @@
+"""The storage interface: one API over a local folder and an S3 prefix.
+
+Everything that touches data roots, base models or outputs goes through a `Storage`
+(the data scanner, the loader, checkpoints, progress, samples), so no S3 logic is
+scattered through the trainer. `open_storage(uri)` picks the implementation.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object (file) under a storage root. `key` is relative to the root, '/'-separated."""
+
+    key: str
+    size: int
+    etag: str
+    """Content fingerprint: the S3 ETag, or size+mtime for local files."""
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed for good (after retries); the message names the URI."""
+
+
+class Storage(ABC):
+    """A root (local folder or s3://bucket/prefix) holding '/'-separated keys."""
+
+    uri: str
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object under `prefix` (recursive), in key order."""
+
+    @abstractmethod
+    def read_bytes(self, key: str) -> bytes:
+        """The whole object. Raises FileNotFoundError when it does not exist."""
+
+    @abstractmethod
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        """Up to `length` bytes from offset `start` (a ranged GET on S3)."""
+
+    @abstractmethod
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Write an object atomically: readers see the old or the new content, never a part."""
+
+    @abstractmethod
+    def upload_file(self, local_path: Path, key: str) -> None:
+        """Copy a local file to `key` atomically (multipart on S3)."""
+
+    @abstractmethod
+    def download_file(self, key: str, local_path: Path) -> None:
+        """Copy `key` to a local file (written to a temporary name, then renamed)."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool:
+        """Whether the object exists."""
+
+    @abstractmethod
+    def delete_prefix(self, prefix: str) -> None:
+        """Delete every object under `prefix` (a checkpoint folder, say)."""
+
+    def child(self, prefix: str) -> Storage:
+        """A Storage rooted at `prefix` below this one."""
+        return open_storage(join_uri(self.uri, prefix))
+
+    def read_text(self, key: str) -> str:
+        return self.read_bytes(key).decode("utf-8")
+
+    def write_text(self, key: str, text: str) -> None:
+        self.write_bytes(key, text.encode("utf-8"))
+
+    def local_path(self, key: str) -> Path | None:
+        """The file's path when the storage is a local folder, else None."""
+        return None
+
+
+def join_uri(uri: str, *parts: str) -> str:
+    """Join a URI (local path or s3://) with '/'-separated parts."""
+    out = uri.rstrip("/")
+    for part in parts:
+        part = part.strip("/")
+        if part:
+            out = f"{out}/{part}"
+    return out
+
+
+def open_storage(uri: str, settings: object | None = None) -> Storage:
+    """A Storage for a local path or s3://bucket/prefix.
+
+    `settings` is the job's `spec.storage` (StorageSpec) for S3 roots; None uses the
+    standard AWS environment and credential chain.
+    """
+    if uri.startswith("s3://"):
+        from .s3 import S3Storage
+
+        return S3Storage(uri, settings)
+    from .local import LocalStorage
+
+    return LocalStorage(uri)
