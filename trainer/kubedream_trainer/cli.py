@@ -19,7 +19,9 @@ def _lazy(target: str) -> Callable[[argparse.Namespace], int]:
 
     def run(args: argparse.Namespace) -> int:
         module_name, func_name = target.split(":")
-        func: Callable[[argparse.Namespace], int] = getattr(importlib.import_module(module_name), func_name)
+        func: Callable[[argparse.Namespace], int] = getattr(
+            importlib.import_module(module_name), func_name
+        )
         return func(args)
 
     return run
@@ -50,13 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("jobs", nargs="+", metavar="JOB.yaml")
     p.set_defaults(func=_validate)
 
-    p = sub.add_parser("train", help="run a FineTuneJob's training (locally or inside a trainer pod)")
+    p = sub.add_parser(
+        "train", help="run a FineTuneJob's training (locally or inside a trainer pod)"
+    )
     p.add_argument("job", metavar="JOB.yaml")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument(
+        "--device", default=None, help="torch device (default: cuda if available, else cpu)"
+    )
     p.set_defaults(func=_lazy("kubedream_trainer.train_cli:run"))
 
-    dataset = sub.add_parser("dataset", help="data root tools").add_subparsers(dest="dataset_command", required=True)
-    p = dataset.add_parser("inspect", help="show what an epoch will contain, before any GPU is spent")
+    dataset = sub.add_parser("dataset", help="data root tools").add_subparsers(
+        dest="dataset_command", required=True
+    )
+    p = dataset.add_parser(
+        "inspect", help="show what an epoch will contain, before any GPU is spent"
+    )
     p.add_argument("roots", nargs="+", metavar="ROOT", help="local folder or s3://bucket/prefix")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--epochs", type=int, default=3, help="epochs to draw (default 3)")
@@ -65,28 +75,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=_lazy("kubedream_trainer.data.inspect:run"))
 
-    p = sub.add_parser("render", help="print the Kubernetes objects the operator creates for a FineTuneJob")
+    p = sub.add_parser(
+        "render", help="print the Kubernetes objects the operator creates for a FineTuneJob"
+    )
     p.add_argument("job", metavar="JOB.yaml")
-    p.add_argument("--image", default=None, help="default trainer image (as the operator's --trainer-image)")
+    p.add_argument(
+        "--image", default=None, help="default trainer image (as the operator's --trainer-image)"
+    )
     p.set_defaults(func=_lazy("kubedream_operator.render_cli:run"))
 
     p = sub.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition")
     p.set_defaults(func=_lazy("kubedream_operator.crd:run"))
 
     p = sub.add_parser("operator", help="run the FineTuneJob operator (kopf)")
-    p.add_argument("--namespace", "-n", action="append", default=[], help="watch this namespace (repeatable)")
+    p.add_argument(
+        "--namespace", "-n", action="append", default=[], help="watch this namespace (repeatable)"
+    )
     p.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace")
-    p.add_argument("--trainer-image", default=None, help="default trainer image for jobs that name none")
+    p.add_argument(
+        "--trainer-image", default=None, help="default trainer image for jobs that name none"
+    )
     p.add_argument("--metrics-port", type=int, default=8080)
     p.add_argument("--health-port", type=int, default=8081)
     p.add_argument("--peering", default=None, help="kopf peering name (for several replicas)")
     p.set_defaults(func=_lazy("kubedream_operator.main:run"))
 
-    dev = sub.add_parser("dev", help="the local test bed: etcd, kube-apiserver, controller-manager, MinIO")
+    dev = sub.add_parser(
+        "dev", help="the local test bed: etcd, kube-apiserver, controller-manager, MinIO"
+    )
     dev_sub = dev.add_subparsers(dest="dev_command", required=True)
-    for name, text in (("up", "start the bed"), ("down", "stop the bed"), ("status", "say what runs")):
+    for name, text in (
+        ("up", "start the bed"),
+        ("down", "stop the bed"),
+        ("status", "say what runs"),
+    ):
         p = dev_sub.add_parser(name, help=text)
-        p.add_argument("--dir", default=None, help="state folder (default ~/.local/state/kubedream/dev)")
+        p.add_argument(
+            "--dir", default=None, help="state folder (default ~/.local/state/kubedream/dev)"
+        )
         p.set_defaults(func=_lazy(f"kubedream_operator.devbed.cli:{name}"))
     return parser
 

@@ -1,6 +1,14 @@
 """The FineTuneJob spec model and its loader. Imports neither kopf, a Kubernetes client nor torch."""
 
-from .load import FineTuneJob, SpecError, field_path, load_job, parse_manifest, parse_spec, to_manifest
+from .load import (
+    FineTuneJob,
+    SpecError,
+    field_path,
+    load_job,
+    parse_manifest,
+    parse_spec,
+    to_manifest,
+)
 from .model import (
     API_VERSION,
     GROUP,

@@ -58,7 +58,12 @@ def _describe(error: ErrorDetails) -> str:
     kind = error["type"]
     ctx: dict[str, Any] = dict(error.get("ctx") or {})
     got = error.get("input")
-    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    bounds = {
+        "greater_than": ">",
+        "greater_than_equal": ">=",
+        "less_than": "<",
+        "less_than_equal": "<=",
+    }
     if kind in bounds:
         limit = next(iter(ctx.values()))
         if isinstance(limit, float) and limit.is_integer():
@@ -114,7 +119,9 @@ def parse_manifest(manifest: Any, source: str = "FineTuneJob") -> FineTuneJob:
     """Validate a whole FineTuneJob manifest (apiVersion, kind, metadata, spec)."""
     problems: list[str] = []
     if not isinstance(manifest, Mapping):
-        raise SpecError([f"(document): must be a FineTuneJob mapping, got {type(manifest).__name__}"], source)
+        raise SpecError(
+            [f"(document): must be a FineTuneJob mapping, got {type(manifest).__name__}"], source
+        )
     if manifest.get("apiVersion") != API_VERSION:
         problems.append(f"apiVersion: must be {API_VERSION!r}, got {manifest.get('apiVersion')!r}")
     if manifest.get("kind") != KIND:

@@ -46,7 +46,9 @@ def check_uri(value: str) -> str:
     if "://" in value:
         if not value.startswith("s3://"):
             raise PydanticCustomError(
-                "kd_uri", "must be a local path or s3://bucket/prefix, got {value}", {"value": repr(value)}
+                "kd_uri",
+                "must be a local path or s3://bucket/prefix, got {value}",
+                {"value": repr(value)},
             )
         if not _S3_URI.match(value):
             raise PydanticCustomError(
@@ -169,6 +171,10 @@ class TrainingSpec(_Model):
 OutputFormat = Literal["diffusers", "safetensors"]
 
 
+def _all_formats() -> list[OutputFormat]:
+    return ["diffusers", "safetensors"]
+
+
 class OutputSpec(_Model):
     """Where checkpoints, samples and progress go."""
 
@@ -180,7 +186,7 @@ class OutputSpec(_Model):
     """Save a checkpoint every N optimizer steps."""
     keep_last: int | None = Field(default=3, ge=1)
     """Keep this many newest committed checkpoints; absent keeps all."""
-    formats: list[OutputFormat] = Field(default_factory=lambda: ["diffusers", "safetensors"], min_length=1)
+    formats: list[OutputFormat] = Field(default_factory=_all_formats, min_length=1)
     """Checkpoint formats: a diffusers folder and/or one single-file safetensors."""
     progress_every_steps: int = Field(default=10, ge=1)
     """Rewrite progress.json (and log a JSON line off-terminal) every N steps."""
@@ -194,7 +200,9 @@ class OutputSpec(_Model):
     @classmethod
     def _unique(cls, v: list[OutputFormat]) -> list[OutputFormat]:
         if len(set(v)) != len(v):
-            raise PydanticCustomError("kd_unique", "must not repeat a format, got {v}", {"v": repr(v)})
+            raise PydanticCustomError(
+                "kd_unique", "must not repeat a format, got {v}", {"v": repr(v)}
+            )
         return v
 
 
@@ -279,7 +287,9 @@ class ResourcesSpec(_Model):
     def _quantity(cls, v: str | None) -> str | None:
         if v is not None and not _QUANTITY.match(v):
             raise PydanticCustomError(
-                "kd_quantity", "must be a Kubernetes quantity such as 8, 500m or 64Gi, got {v}", {"v": repr(v)}
+                "kd_quantity",
+                "must be a Kubernetes quantity such as 8, 500m or 64Gi, got {v}",
+                {"v": repr(v)},
             )
         return v
 
