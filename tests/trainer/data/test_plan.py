@@ -1,0 +1,93 @@
+"""Epoch plans: one bucket and batch_id per batch, every drawn image once, ranks split evenly."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from kubedream_trainer.data import draw_epoch, plan_epoch
+
+from .helpers import synthetic_dataset
+
+BUCKETS = ((512, 512), (640, 384), (384, 640))
+
+
+def test_every_batch_holds_one_bucket_and_the_right_size() -> None:
+    dataset = synthetic_dataset({"a": (50, 1.0), "b": (31, 1.5)}, buckets=BUCKETS)
+    batches = plan_epoch(dataset, 0, seed=1, batch_size=4)
+    for batch in batches:
+        assert len(batch) == 4
+        assert len({dataset.images[i].bucket for i in batch}) == 1
+
+
+def test_each_drawn_image_appears_once_when_buckets_divide_evenly() -> None:
+    dataset = synthetic_dataset({"a": (24, 1.0), "b": (12, 2.0)}, buckets=BUCKETS)
+    batches = plan_epoch(dataset, 3, seed=9, batch_size=4)
+    assert Counter(i for batch in batches for i in batch) == Counter(draw_epoch(dataset, 3, seed=9))
+
+
+def test_remainder_is_filled_with_images_of_the_same_bucket() -> None:
+    # 10 images in one bucket, batch 4: two full batches and a runt of 2 filled with 2 repeats.
+    dataset = synthetic_dataset({"a": (10, 1.0)})
+    batches = plan_epoch(dataset, 0, seed=2, batch_size=4)
+    assert len(batches) == 3
+    counts = Counter(i for batch in batches for i in batch)
+    assert set(counts) == set(range(10))
+    assert sorted(counts.values()) == [1] * 8 + [2] * 2
+    assert all(len(set(batch)) == len(batch) for batch in batches)  # no repeat within a batch
+
+
+def test_tiny_bucket_repeats_its_only_image() -> None:
+    dataset = synthetic_dataset({"a": (1, 1.0)})
+    assert plan_epoch(dataset, 0, seed=0, batch_size=3) == [[0, 0, 0]]
+
+
+def test_batch_ids_never_share_a_batch() -> None:
+    dataset = synthetic_dataset({"x": (9, 1.0), "y": (9, 1.0)}, batch_ids={"x": "style-x"})
+    for batch in plan_epoch(dataset, 0, seed=4, batch_size=2):
+        assert len({dataset.images[i].batch_id for i in batch}) == 1
+
+
+def test_batch_order_mixes_buckets_and_is_deterministic() -> None:
+    dataset = synthetic_dataset({"a": (60, 1.0)}, buckets=BUCKETS)
+    first = plan_epoch(dataset, 0, seed=5, batch_size=2)
+    assert first == plan_epoch(dataset, 0, seed=5, batch_size=2)
+    assert first != plan_epoch(dataset, 1, seed=5, batch_size=2)
+    assert first != plan_epoch(dataset, 0, seed=6, batch_size=2)
+    bucket_sequence = [dataset.images[batch[0]].bucket for batch in first]
+    assert bucket_sequence != sorted(bucket_sequence)  # not grouped bucket after bucket
+    assert len(set(bucket_sequence[:10])) > 1
+
+
+def test_fractional_preservation_images_mix_into_batches() -> None:
+    dataset = synthetic_dataset({"train": (40, 1.0), "pres": (100, 0.2)})
+    batches = plan_epoch(dataset, 0, seed=3, batch_size=5)
+    folders_per_batch = [{dataset.images[i].folder for i in batch} for batch in batches]
+    assert sum(len(f) == 2 for f in folders_per_batch) >= 1
+    assert sum(1 for batch in batches for i in batch if dataset.images[i].folder == "pres") == 20
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_rank_shares_are_slices_of_the_global_batches(world_size: int) -> None:
+    dataset = synthetic_dataset({"a": (37, 1.0), "b": (20, 0.5)}, buckets=BUCKETS)
+    global_plan = plan_epoch(dataset, 1, seed=8, batch_size=2 * world_size)
+    shares = [plan_epoch(dataset, 1, seed=8, batch_size=2, world_size=world_size, rank=r) for r in range(world_size)]
+    assert all(len(share) == len(global_plan) for share in shares)
+    for position, global_batch in enumerate(global_plan):
+        assert [i for share in shares for i in share[position]] == global_batch
+        assert len({dataset.images[i].bucket for i in global_batch}) == 1
+
+
+def test_ranks_train_each_image_once_when_counts_divide() -> None:
+    dataset = synthetic_dataset({"a": (48, 1.0)}, buckets=BUCKETS)
+    shares = [plan_epoch(dataset, 0, seed=0, batch_size=4, world_size=4, rank=r) for r in range(4)]
+    seen = Counter(i for share in shares for batch in share for i in batch)
+    assert seen == Counter(range(48))
+
+
+@pytest.mark.parametrize(("batch_size", "world_size", "rank"), [(0, 1, 0), (1, 0, 0), (1, 2, 2), (1, 2, -1)])
+def test_bad_arguments_raise(batch_size: int, world_size: int, rank: int) -> None:
+    dataset = synthetic_dataset({"a": (4, 1.0)})
+    with pytest.raises(ValueError, match="must be|need"):
+        plan_epoch(dataset, 0, seed=0, batch_size=batch_size, world_size=world_size, rank=rank)
