@@ -21,7 +21,9 @@ def write_image(
     return path
 
 
-def write_split_image(path: Path, size: tuple[int, int], left: tuple[int, int, int], right: tuple[int, int, int]) -> Path:
+def write_split_image(
+    path: Path, size: tuple[int, int], left: tuple[int, int, int], right: tuple[int, int, int]
+) -> Path:
     """An image whose left half is `left` and right half is `right` (to see flips and crops)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.new("RGB", size, left)

@@ -16,7 +16,8 @@ def test_buckets_obey_side_area_and_ratio_rules(resolution: int) -> None:
     buckets = bucket_sizes(resolution)
     assert (resolution, resolution) in buckets
     for width, height in buckets:
-        assert width % 64 == 0 and height % 64 == 0
+        assert width % 64 == 0
+        assert height % 64 == 0
         assert width * height <= resolution * resolution
         assert max(width, height) / min(width, height) <= MAX_ASPECT
 

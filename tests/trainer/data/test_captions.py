@@ -13,7 +13,9 @@ from kubedream_trainer.data.captions import caption_from_filename, caption_from_
 
 from .helpers import write_image, write_text
 
-SIDECAR_YAML = "main_prompt: a yaml prompt\ntags:\n  - plain tag\n  - tag: weighted tag\n    weight: 1.5\n"
+SIDECAR_YAML = (
+    "main_prompt: a yaml prompt\ntags:\n  - plain tag\n  - tag: weighted tag\n    weight: 1.5\n"
+)
 
 
 def _scan(root: Path) -> Dataset:
@@ -26,7 +28,12 @@ def _captions(root: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize(
     ("stem", "expected"),
-    [("person_ (3)", "person"), ("a photo of bob", "a photo of bob"), ("  spaced out _1", "spaced out"), ("_x", "")],
+    [
+        ("person_ (3)", "person"),
+        ("a photo of bob", "a photo of bob"),
+        ("  spaced out _1", "spaced out"),
+        ("_x", ""),
+    ],
 )
 def test_caption_from_filename(stem: str, expected: str) -> None:
     assert caption_from_filename(stem) == expected
@@ -35,7 +42,9 @@ def test_caption_from_filename(stem: str, expected: str) -> None:
 def test_yaml_caption_format() -> None:
     import yaml
 
-    assert caption_from_yaml(yaml.safe_load(SIDECAR_YAML)) == "a yaml prompt, plain tag, weighted tag"
+    assert (
+        caption_from_yaml(yaml.safe_load(SIDECAR_YAML)) == "a yaml prompt, plain tag, weighted tag"
+    )
     assert caption_from_yaml({"tags": ["only", "tags"]}) == "only, tags"
     assert caption_from_yaml({"main_prompt": ["first", "second"]}) == "first"
     assert caption_from_yaml({"flip_p": 0.5}) is None
@@ -76,7 +85,11 @@ def test_sidecar_precedence_yaml_then_caption_then_txt(tmp_path: Path) -> None:
     write_text(tmp_path / "empty_yaml.yaml", "flip_p: 0.5\n")  # no caption in it: fall through
     write_text(tmp_path / "empty_yaml.txt", "txt used")
     write_text(tmp_path / "local.yaml", "main_prompt: local loses\n")
-    assert _captions(tmp_path) == {"all.png": "yaml wins", "two.png": "caption wins", "empty_yaml.png": "txt used"}
+    assert _captions(tmp_path) == {
+        "all.png": "yaml wins",
+        "two.png": "caption wins",
+        "empty_yaml.png": "txt used",
+    }
 
 
 def test_local_then_nearest_global_then_filename(tmp_path: Path) -> None:
@@ -109,9 +122,14 @@ def test_unreadable_caption_is_reported_and_falls_back(tmp_path: Path) -> None:
     write_text(tmp_path / "cat_1.yaml", "main_prompt: [unclosed\n")
     write_text(tmp_path / "cat_1.txt", "cat from txt")
     dataset = _scan(tmp_path)
-    assert {i.key: i.caption for i in dataset.images} == {"dog_1.png": "dog", "cat_1.png": "cat from txt"}
+    assert {i.key: i.caption for i in dataset.images} == {
+        "dog_1.png": "dog",
+        "cat_1.png": "cat from txt",
+    }
     problems = {p.path: p.problem for p in dataset.problems}
-    assert problems[str(tmp_path / "dog_1.txt")].startswith("unreadable caption: caption is not UTF-8")
+    assert problems[str(tmp_path / "dog_1.txt")].startswith(
+        "unreadable caption: caption is not UTF-8"
+    )
     assert problems[str(tmp_path / "cat_1.yaml")].startswith("unreadable caption: not valid YAML")
 
 
@@ -128,4 +146,6 @@ def test_process_caption_shuffles_tags_after_kept_ones() -> None:
         assert tags[0] == "subject"
         assert sorted(tags) == sorted(caption.split(", "))
     assert process_caption("a, b, c", random.Random(1), True, 3) == "a, b, c"
-    assert process_caption(caption, random.Random(4), True, 0) == process_caption(caption, random.Random(4), True, 0)
+    assert process_caption(caption, random.Random(4), True, 0) == process_caption(
+        caption, random.Random(4), True, 0
+    )

@@ -14,7 +14,14 @@ from .helpers import synthetic_dataset
 
 @pytest.mark.parametrize(
     ("multiplier", "count", "expected"),
-    [(0.025, 1000, (0, 25)), (2.5, 10, (2, 5)), (0.0, 7, (0, 0)), (1.0, 3, (1, 0)), (0.5, 5, (0, 3)), (0.3 * 10, 4, (3, 0))],
+    [
+        (0.025, 1000, (0, 25)),
+        (2.5, 10, (2, 5)),
+        (0.0, 7, (0, 0)),
+        (1.0, 3, (1, 0)),
+        (0.5, 5, (0, 3)),
+        (0.3 * 10, 4, (3, 0)),
+    ],
 )
 def test_fractional_repeats(multiplier: float, count: int, expected: tuple[int, int]) -> None:
     assert fractional_repeats(multiplier, count) == expected

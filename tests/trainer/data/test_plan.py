@@ -72,7 +72,10 @@ def test_fractional_preservation_images_mix_into_batches() -> None:
 def test_rank_shares_are_slices_of_the_global_batches(world_size: int) -> None:
     dataset = synthetic_dataset({"a": (37, 1.0), "b": (20, 0.5)}, buckets=BUCKETS)
     global_plan = plan_epoch(dataset, 1, seed=8, batch_size=2 * world_size)
-    shares = [plan_epoch(dataset, 1, seed=8, batch_size=2, world_size=world_size, rank=r) for r in range(world_size)]
+    shares = [
+        plan_epoch(dataset, 1, seed=8, batch_size=2, world_size=world_size, rank=r)
+        for r in range(world_size)
+    ]
     assert all(len(share) == len(global_plan) for share in shares)
     for position, global_batch in enumerate(global_plan):
         assert [i for share in shares for i in share[position]] == global_batch
@@ -86,8 +89,10 @@ def test_ranks_train_each_image_once_when_counts_divide() -> None:
     assert seen == Counter(range(48))
 
 
-@pytest.mark.parametrize(("batch_size", "world_size", "rank"), [(0, 1, 0), (1, 0, 0), (1, 2, 2), (1, 2, -1)])
+@pytest.mark.parametrize(
+    ("batch_size", "world_size", "rank"), [(0, 1, 0), (1, 0, 0), (1, 2, 2), (1, 2, -1)]
+)
 def test_bad_arguments_raise(batch_size: int, world_size: int, rank: int) -> None:
     dataset = synthetic_dataset({"a": (4, 1.0)})
-    with pytest.raises(ValueError, match="must be|need"):
+    with pytest.raises(ValueError, match=r"must be|need"):
         plan_epoch(dataset, 0, seed=0, batch_size=batch_size, world_size=world_size, rank=rank)
