@@ -94,13 +94,14 @@ print_paths() {
 # Build one component unless all its binaries are cached. Builds into a temporary folder and
 # renames it into place, so a half-finished build never looks cached.
 build() {
-    local c=$1 v dest log tmp name pkg missing=0 pkgs=() start elapsed
+    local c=$1 v dest log tmp name pkg missing=0 pkgs=() names=() out start elapsed
     v=$(version "$c")
     [[ -n $v ]] || { echo "no version for $c in testbed/go/$c/go.mod" >&2; return 1; }
     dest=$CACHE/bin/$c-$v
     while read -r name pkg; do
         [[ -x $dest/$name ]] || missing=1
         pkgs+=("$pkg")
+        names+=("$name")
     done < <(binaries "$c")
     if [[ $missing == 0 ]]; then
         printf '%-11s %-40s cached\n' "$c" "$v"
@@ -110,15 +111,20 @@ build() {
     log=$CACHE/logs/$c-$v.log
     tmp=$(mktemp -d "$CACHE/bin/.$c-$v.XXXXXX")
     printf '%-11s %-40s building (log: %s)\n' "$c" "$v" "$log"
+    # One package: name the binary (go would call etcd's "server"). Several: go names each
+    # after its folder.
+    out="$tmp/"
+    [[ ${#pkgs[@]} -gt 1 ]] || out="$tmp/${names[0]}"
     start=$(date +%s)
     if ! (cd "$ROOT/testbed/go/$c" &&
         CGO_ENABLED=0 nice -n 10 go build -p "$JOBS" -trimpath -ldflags "$(ldflags "$c" "$v")" \
-            -o "$tmp/" "${pkgs[@]}") >"$log" 2>&1; then
+            -o "$out" "${pkgs[@]}") >"$log" 2>&1; then
         rm -rf "$tmp"
         echo "build of $c $v failed; last lines of $log:" >&2
         tail -n 30 "$log" >&2
         return 1
     fi
+    chmod 755 "$tmp"
     rm -rf "$dest"
     mv "$tmp" "$dest"
     elapsed=$(($(date +%s) - start))

@@ -31,6 +31,8 @@ from .layout import COMPONENTS, BedState, Layout, Ports
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
 
+    from .rest import KubeRest
+
 NODE_NAME = "kubedream-dev"
 S3_REGION = "us-east-1"
 
@@ -90,6 +92,18 @@ class BedInfo:
         return self.state.node_name
 
     @property
+    def s3_access_key(self) -> str:
+        return self.state.s3_access_key
+
+    @property
+    def s3_secret_key(self) -> str:
+        return self.state.s3_secret_key
+
+    @property
+    def s3_region(self) -> str:
+        return self.state.s3_region
+
+    @property
     def env(self) -> dict[str, str]:
         """The variables DIR/env exports: point kubernetes clients, boto3 and helm at the bed."""
         return {
@@ -106,6 +120,12 @@ class BedInfo:
 
         client: ApiClient = config.new_client_from_config(config_file=str(self.kubeconfig))
         return client
+
+    def rest(self) -> KubeRest:
+        """Plain-JSON access to the API (dicts in, dicts out); see devbed.rest."""
+        from .rest import KubeRest
+
+        return KubeRest(self.api_client())
 
     def s3_client(self) -> Any:
         """A boto3 S3 client for the bed's MinIO."""

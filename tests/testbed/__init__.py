@@ -1,0 +1,1 @@
+"""Tests of the local test bed (kubedream_operator.devbed) and of the real components it runs."""
