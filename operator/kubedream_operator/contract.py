@@ -4,24 +4,21 @@
 `kubedream train` honours them. Keep this module free of kopf and Kubernetes clients so both
 sides can import it.
 
-Exit codes of `kubedream train` (the pod's container exit code):
+Exit codes of `kubedream train` are the trainer's (`kubedream_trainer.errors.ExitCode`,
+docs/trainer.md); what the Job does with each is decided here:
 
-- 0: training finished; the final checkpoint is committed.
-- 1: an unexpected error (a bug, a CUDA fault, a storage outage that outlasted the retries).
-  Counts against `runPolicy.backoffLimit`; the replacement pod resumes from the newest
-  committed checkpoint.
-- 2: invalid input that no retry can fix (the spec, the data roots, the base model).
-  The Job's podFailurePolicy fails the whole Job at once (`FailJob`), without retries.
-  argparse uses 2 for usage errors too, which are just as permanent.
-- 143 (128 + SIGTERM): stopped by the kubelet (suspend, preemption, eviction, node drain)
-  after writing a final checkpoint. Disruptions carry the pod condition `DisruptionTarget`,
-  which the podFailurePolicy ignores (no retry is counted); a plain 143 otherwise counts
-  like 1.
-- 137 (128 + SIGKILL): killed, usually out of memory. Counts like 1.
+- FailJob at once (no retry can help): USAGE (2), DIVERGED (3), and INVALID_JOB unless it is
+  1. Exit code 1 is also what Python exits with on an uncaught exception and what torchrun
+  exits with when any worker fails, so 1 must stay retryable: a crash, a CUDA fault or one
+  lost rank of a multi-node job is worth a retry from the last checkpoint.
+- Ignore (no retry counted): any exit of a pod with the `DisruptionTarget` condition
+  (preemption, eviction, node drain, taint manager). The trainer checkpoints on SIGTERM
+  and exits 143; the replacement resumes.
+- Everything else counts against `runPolicy.backoffLimit` and is retried: 1, STORAGE (4),
+  OUTPUT_LOCKED (75), 137 (SIGKILL, usually out of memory), a plain 143.
 
-Under torchrun (several processes per pod, or several pods) torchrun itself exits 1 when any
-worker fails, whatever the worker's own code, so `FailJob` on 2 only takes effect for
-single-process pods; elsewhere bad input costs the bounded retries of `backoffLimit`.
+Under torchrun every worker failure becomes torchrun's own exit 1, so FailJob only takes
+effect for single-process pods; elsewhere bad input costs the bounded retries.
 """
 
 from __future__ import annotations
@@ -29,11 +26,30 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_INVALID_INPUT = 2
-EXIT_SIGTERM = 143
+from kubedream_trainer.errors import ExitCode
+
+EXIT_CRASH = 1
+"""Python's exit code for an uncaught exception, and torchrun's for any failed worker."""
 EXIT_SIGKILL = 137
+
+PERMANENT_EXIT_CODES: tuple[int, ...] = tuple(
+    sorted({int(ExitCode.INVALID_JOB), int(ExitCode.USAGE), int(ExitCode.DIVERGED)} - {EXIT_CRASH})
+)
+"""Trainer exit codes that fail the Job at once (the Job's podFailurePolicy, FailJob)."""
+
+
+def exit_meaning(code: int) -> str | None:
+    """A few words on what a trainer exit code means, e.g. 143 -> "interrupted"."""
+    if code == EXIT_SIGKILL:
+        return "killed, often out of memory"
+    try:
+        name = ExitCode(code).name
+    except ValueError:
+        return None
+    if code == EXIT_CRASH:
+        return f"{name.lower().replace('_', ' ')}, or a crash"
+    return name.lower().replace("_", " ")
+
 
 CONTAINER_NAME = "trainer"
 CONFIG_DIR = "/etc/kubedream"

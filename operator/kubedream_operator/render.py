@@ -8,7 +8,8 @@ prints them). For a job named N in namespace S:
 - Service `N` (only when the job runs more than one pod): headless, so that pod 0 of the
   Indexed Job is reachable as `N-0.N.S.svc`, the torch.distributed rendezvous address.
 - Job `N`: Indexed, one pod per node, `restartPolicy: Never`, a podFailurePolicy that ignores
-  disruptions and fails the Job at once on exit code 2 (see `contract`), and pods without
+  disruptions and fails the Job at once on the trainer's permanent exit codes (see
+  `contract`), and pods without
   Kubernetes API access (progress flows through storage, not the API).
 
 Every object carries the kubedream labels and a controller owner reference to the
@@ -150,6 +151,7 @@ def trainer_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
         {"name": "HOME", "value": "/tmp"},
         {"name": "XDG_CACHE_HOME", "value": contract.CACHE_DIR},
         {"name": "HF_HOME", "value": f"{contract.CACHE_DIR}/huggingface"},
+        {"name": "KUBEDREAM_CACHE_DIR", "value": contract.CACHE_DIR},
     ]
     storage = spec.storage
     if storage.endpoint:
@@ -198,7 +200,7 @@ def pod_failure_policy() -> dict[str, Any]:
                 "onExitCodes": {
                     "containerName": contract.CONTAINER_NAME,
                     "operator": "In",
-                    "values": [contract.EXIT_INVALID_INPUT],
+                    "values": list(contract.PERMANENT_EXIT_CODES),
                 },
             },
         ]

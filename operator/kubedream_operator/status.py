@@ -65,12 +65,6 @@ MANAGED_FIELDS = (
 """Every status field the operator owns (kopf keeps its own state under status.kopf)."""
 
 _MESSAGE_LIMIT = 1024
-_EXIT_MEANINGS = {
-    contract.EXIT_ERROR: "error",
-    contract.EXIT_INVALID_INPUT: "invalid input",
-    contract.EXIT_SIGKILL: "killed, often out of memory",
-    contract.EXIT_SIGTERM: "stopped by SIGTERM",
-}
 
 
 @dataclass(frozen=True)
@@ -157,7 +151,7 @@ def failure_detail(pods: Sequence[Mapping[str, Any]]) -> str | None:
         reason = (pod.get("status") or {}).get("reason") or "unknown reason"
         return f"pod {_pod_name(pod)} failed: {reason}"
     code = terminated.get("exitCode")
-    meaning = _EXIT_MEANINGS.get(code) if isinstance(code, int) else None
+    meaning = contract.exit_meaning(code) if isinstance(code, int) else None
     text = f"pod {_pod_name(pod)}: trainer exited with code {code}" + (
         f" ({meaning})" if meaning else ""
     )
@@ -185,6 +179,14 @@ def waiting_detail(pods: Sequence[Mapping[str, Any]]) -> str | None:
 
 def _why(pod: Mapping[str, Any], reason: str, message: str | None) -> str:
     return f"pod {_pod_name(pod)}: {reason}" + (f": {message}" if message else "")
+
+
+def trainer_message(progress: Mapping[str, Any] | None) -> str | None:
+    """What the trainer wrote into progress.json when it failed (it says what to fix)."""
+    if not progress or progress.get("phase") != "Failed":
+        return None
+    message = progress.get("message")
+    return str(message).strip() or None if message else None
 
 
 def restarts(job: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]]) -> int:
@@ -288,6 +290,9 @@ def _verdict(observed: Observed) -> _Verdict:
     if failed:
         detail = failure_detail(pods)
         message = str(failed.get("message") or "the trainer Job failed")
+        said = trainer_message(observed.progress)
+        if said:
+            message = f"{message}. Trainer: {said}"
         return _Verdict(
             Phase.FAILED,
             str(failed.get("reason") or "JobFailed"),
@@ -340,8 +345,9 @@ def _conditions(
             reason = "JobCreated" if is_true else verdict.reason
             message = "the trainer Job was created" if is_true else verdict.message
         else:
+            # True or False, a phase condition says why things are as they are (the same reason).
             is_true = kind == true_type
-            reason = verdict.reason if is_true else verdict.phase.value
+            reason = verdict.reason
             message = verdict.message if is_true else ""
         status = "True" if is_true else "False"
         before = earlier.get(kind) or {}
@@ -422,11 +428,10 @@ def phase_event(previous_phase: str | None, status: Mapping[str, Any]) -> PhaseE
     phase = status.get("phase")
     if not phase or phase == previous_phase:
         return None
-    warning = phase == Phase.FAILED.value
-    conditions = {c["type"]: c for c in status.get("conditions") or ()}
-    reason = str((conditions.get(phase) or {}).get("reason") or phase)
-    return PhaseEvent(
-        "Warning" if warning else "Normal",
-        reason,
-        f"{phase}: {status.get('message') or ''}".rstrip(": "),
-    )
+    # Every condition but Created carries the reason of the current phase.
+    reasons = [
+        c.get("reason") for c in status.get("conditions") or () if c.get("type") != "Created"
+    ]
+    reason = str(reasons[0] if reasons and reasons[0] else phase)
+    message = f"{phase}: {status.get('message') or ''}".rstrip(": ")
+    return PhaseEvent("Warning" if phase == Phase.FAILED.value else "Normal", reason, message)

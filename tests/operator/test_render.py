@@ -145,10 +145,11 @@ def test_pod_failure_policy_ignores_disruptions_and_fails_on_bad_input() -> None
         "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
     }
     assert rules[1]["action"] == "FailJob"
+    assert 1 not in contract.PERMANENT_EXIT_CODES
     assert rules[1]["onExitCodes"] == {
         "containerName": "trainer",
         "operator": "In",
-        "values": [contract.EXIT_INVALID_INPUT],
+        "values": [2, 3],  # usage, diverged; never 1 (a crash, torchrun's code)
     }
 
 

@@ -152,7 +152,7 @@ def test_restarts_count_failed_pods(spec: FineTuneJobSpec) -> None:
     assert status["restarts"] == 1
     assert status["phase"] == "Running"
     assert (
-        "last failure: pod j-0-aaaaa: trainer exited with code 1 (error): RuntimeError: CUDA error"
+        "last failure: pod j-0-aaaaa: trainer exited with code 1 (invalid job, or a crash): RuntimeError: CUDA error"
         in status["message"]
     )
     # Failed pods the Job controller already removed still count through job.status.failed.
@@ -181,24 +181,28 @@ def test_failed_by_pod_failure_policy_shows_the_trainers_words(spec: FineTuneJob
                 "type": "Failed",
                 "status": "True",
                 "reason": "PodFailurePolicy",
-                "message": "Container trainer for pod ns/j-0-aaaaa failed with exit code 2 matching FailJob rule at index 1",
+                "message": "Container trainer for pod ns/j-0-aaaaa failed with exit code 3 matching FailJob rule at index 1",
                 "lastTransitionTime": "2025-01-02T03:30:00Z",
             }
         ]
     )
     pods = [
-        pod(
-            "Failed",
-            "j-0-aaaaa",
-            **terminated(2, "invalid: spec.data.roots[0].uri: no images found"),
-        )
+        pod("Failed", "j-0-aaaaa", **terminated(3, "kubedream: the loss is not finite at step 120"))
     ]
-    status = derive(spec, job=failed, pods=pods)
+    progress = {
+        "phase": "Failed",
+        "message": "the loss is not finite at step 120; lower the learning rate",
+    }
+    status = derive(spec, job=failed, pods=pods, progress=progress)
     assert status["phase"] == "Failed"
     condition = conditions(status)["Failed"]
     assert condition["reason"] == "PodFailurePolicy"
     assert (
-        "trainer exited with code 2 (invalid input): invalid: spec.data.roots[0].uri: no images found"
+        "Trainer: the loss is not finite at step 120; lower the learning rate"
+        in condition["message"]
+    )
+    assert (
+        "trainer exited with code 3 (diverged): kubedream: the loss is not finite"
         in condition["message"]
     )
     assert status["completionTime"] == "2025-01-02T03:30:00Z"
