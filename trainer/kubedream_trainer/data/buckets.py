@@ -43,6 +43,7 @@ def bucket_sizes(resolution: int) -> tuple[tuple[int, int], ...]:
     return tuple(sorted(buckets, key=lambda wh: (wh[1] / wh[0], wh[0])))
 
 
+@lru_cache(maxsize=8192)  # real roots repeat a few camera sizes many times
 def nearest_bucket(width: int, height: int, resolution: int) -> tuple[int, int]:
     """The bucket whose log aspect ratio is nearest the image's; ties go to the larger area."""
     if width <= 0 or height <= 0:

@@ -23,10 +23,10 @@ from .images import ImageLoadError, is_image_key, read_image_size
 from .multipliers import per_epoch_count
 from .records import Dataset, FolderInfo, ImageRecord, Problem
 from .settings import (
-    GLOBAL_FILES,
-    LOCAL_FILES,
     SETTING_FILES,
     Settings,
+    SettingsTree,
+    is_settings_file,
     load_yaml_mapping,
     settings_from_text,
     settings_from_yaml,
@@ -129,15 +129,6 @@ def _scan_image(
     return record, problems
 
 
-def _ancestors(folder: str) -> list[str]:
-    """The folder and every folder above it, up to the root (''), nearest first."""
-    chain = [folder]
-    while folder:
-        folder = posixpath.dirname(folder)
-        chain.append(folder)
-    return chain
-
-
 def _scan_root(root: _Root, pool: ThreadPoolExecutor) -> tuple[list[ImageRecord], list[Problem]]:
     objects = [info for info in root.storage.list() if not _is_hidden(info.key)]
     if not objects:
@@ -149,29 +140,16 @@ def _scan_root(root: _Root, pool: ThreadPoolExecutor) -> tuple[list[ImageRecord]
         folder, name = posixpath.split(info.key)
         files.setdefault(folder, {})[name] = info
 
-    # Settings files: (folder, kind) -> layer, the later of two names applied first.
-    kinds = {**dict.fromkeys(SETTING_FILES, "txt"), **dict.fromkeys(LOCAL_FILES, "local")}
-    kinds.update(dict.fromkeys(GLOBAL_FILES, "global"))
-    setting_keys = [
-        (folder, kinds[name], names[name].key)
-        for folder, names in files.items()
-        for name in (*reversed(GLOBAL_FILES), *reversed(LOCAL_FILES), *SETTING_FILES)
-        if name in names
-    ]
-    layers: dict[tuple[str, str], Settings] = {}
+    tree = SettingsTree()
     problems: list[Problem] = []
-    results = pool.map(lambda item: _read_layer(root, item[2]), setting_keys)
-    for (folder, kind, _key), (layer, layer_problems) in zip(setting_keys, results, strict=True):
-        layers[(folder, kind)] = layer.over(layers.get((folder, kind), Settings()))
+    setting_files = [info for info in objects if is_settings_file(posixpath.basename(info.key))]
+    for info, (layer, layer_problems) in zip(
+        setting_files,
+        pool.map(lambda info: _read_layer(root, info.key), setting_files),
+        strict=True,
+    ):
+        tree.add(*posixpath.split(info.key), layer)
         problems.extend(layer_problems)
-
-    def folder_settings(folder: str) -> Settings:
-        inherited = Settings()
-        for ancestor in reversed(_ancestors(folder)):
-            inherited = layers.get((ancestor, "global"), Settings()).over(inherited)
-        return layers.get((folder, "txt"), Settings()).over(
-            layers.get((folder, "local"), Settings()).over(inherited)
-        )
 
     jobs = []
     for folder in sorted(files):
@@ -179,7 +157,7 @@ def _scan_root(root: _Root, pool: ThreadPoolExecutor) -> tuple[list[ImageRecord]
         image_names = [name for name in names if is_image_key(name)]
         if not image_names:
             continue
-        settings = folder_settings(folder)
+        settings = tree.resolve(folder)
         for name in image_names:
             stem = posixpath.splitext(name)[0]
             sidecars = [names[stem + ext].key for ext in CAPTION_SIDECARS if stem + ext in names]

@@ -12,6 +12,7 @@ subfolders, as in EveryDream (doc/BALANCING.md). Called by the scanner.
 from __future__ import annotations
 
 import math
+import posixpath
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -27,7 +28,9 @@ SETTING_FILES = {
 }
 """Single-value settings files and the key each sets."""
 LOCAL_FILES = ("local.yaml", "local.yml")
+"""Folder-only YAML settings, highest precedence first."""
 GLOBAL_FILES = ("global.yaml", "global.yml")
+"""Cascading YAML settings, highest precedence first."""
 
 
 @dataclass(frozen=True)
@@ -115,3 +118,42 @@ def settings_from_yaml(doc: dict[str, Any]) -> tuple[Settings, list[str]]:
     except ValueError as exc:
         errors.append(str(exc))
     return Settings(**values), errors
+
+
+def is_settings_file(name: str) -> bool:
+    """Whether a file name is one of the folder settings files."""
+    return name in SETTING_FILES or name in LOCAL_FILES or name in GLOBAL_FILES
+
+
+def _ancestors(folder: str) -> list[str]:
+    """The folder and every folder above it, up to the root (''), nearest first."""
+    chain = [folder]
+    while folder:
+        folder = posixpath.dirname(folder)
+        chain.append(folder)
+    return chain
+
+
+class SettingsTree:
+    """The settings files of one root, resolved per folder by the precedence above."""
+
+    def __init__(self) -> None:
+        self._files: dict[tuple[str, str], Settings] = {}
+
+    def add(self, folder: str, name: str, layer: Settings) -> None:
+        """Record what the settings file `name` in `folder` sets."""
+        self._files[(folder, name)] = layer
+
+    def _merged(self, folder: str, names: tuple[str, ...]) -> Settings:
+        merged = Settings()
+        for name in reversed(names):  # the first name wins
+            merged = self._files.get((folder, name), Settings()).over(merged)
+        return merged
+
+    def resolve(self, folder: str) -> Settings:
+        """The settings of `folder`'s images: <key>.txt, then local.yaml, then global.yaml up the tree."""
+        inherited = Settings()
+        for ancestor in reversed(_ancestors(folder)):
+            inherited = self._merged(ancestor, GLOBAL_FILES).over(inherited)
+        local = self._merged(folder, LOCAL_FILES).over(inherited)
+        return self._merged(folder, tuple(SETTING_FILES)).over(local)
