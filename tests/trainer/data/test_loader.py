@@ -204,6 +204,26 @@ def test_image_corrupt_after_scan_is_substituted(
     assert [b.indices for b in again] == [b.indices for b in out]
 
 
+def test_substitutes_never_come_from_switched_off_folders(tmp_path: Path) -> None:
+    (tmp_path / "on").mkdir()
+    Image.effect_noise((64, 64), 80).convert("RGB").save(tmp_path / "on" / "bad.jpg", quality=95)
+    write_image(tmp_path / "on" / "good.png")
+    write_image(tmp_path / "off" / "good.png")
+    write_text(tmp_path / "off" / "multiply.txt", "0")
+    dataset = scan_roots([DataRoot(uri=str(tmp_path))], 64)
+    _truncate(tmp_path / "on" / "bad.jpg", 0.5)
+    bad = next(i for i, image in enumerate(dataset.images) if image.key == "on/bad.jpg")
+    for seed in range(6):
+        batch = next(
+            iter(
+                BatchLoader(
+                    dataset, [[bad]], data_spec=_spec(tmp_path), seed=seed, epoch=0, workers=0
+                )
+            )
+        )
+        assert [_key(dataset, i) for i in batch.indices] == ["on/good.png"]
+
+
 def test_no_readable_substitute_raises(tmp_path: Path) -> None:
     for name in ("a.jpg", "b.jpg"):
         Image.effect_noise((64, 64), 80).convert("RGB").save(tmp_path / name, quality=95)

@@ -111,7 +111,8 @@ class BatchLoader:
         self._lock = threading.Lock()
         self._groups: dict[tuple[tuple[int, int], str], list[int]] = {}
         for index, image in enumerate(dataset.images):
-            self._groups.setdefault((image.bucket, image.batch_id or ""), []).append(index)
+            if image.multiplier > 0:  # never substitute from a folder the user switched off
+                self._groups.setdefault((image.bucket, image.batch_id or ""), []).append(index)
 
     def __len__(self) -> int:
         return len(self.batches) - self.start_batch
@@ -170,7 +171,8 @@ class BatchLoader:
         if img is not None:
             return index, img
         image = self.dataset.images[index]
-        candidates = [i for i in self._groups[(image.bucket, image.batch_id or "")] if i != index]
+        group = self._groups.get((image.bucket, image.batch_id or ""), [])
+        candidates = [i for i in group if i != index]
         derive_rng("substitute", self.seed, self.epoch, position, slot, index).shuffle(candidates)
         for candidate in candidates:  # a corrupt file stays corrupt, so this order is deterministic
             img = self._try_load(candidate)
