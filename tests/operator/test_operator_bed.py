@@ -1,0 +1,453 @@
+"""The operator on the real test bed: the generated CRD in a real kube-apiserver, and
+`kubedream operator` as a subprocess reconciling FineTuneJobs into Jobs whose pods the node
+agent runs, with the controller-manager's Job controller and garbage collector doing their part.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes.client.exceptions import ApiException
+
+from kubedream_operator.crd import CRD_NAME, build_crd
+from kubedream_operator.devbed.bed import BedInfo, tail
+from kubedream_operator.devbed.rest import MERGE, KubeRest
+from kubedream_operator.render import OperatorDefaults, Owner, render_children
+from kubedream_operator.spec import API_VERSION, parse_spec
+from tests.plugins.bed import wait_for
+
+from .helpers import minimal_spec
+
+pytestmark = pytest.mark.testbed
+
+CRDS = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+STATUS_INTERVAL = "1"
+KUBEDREAM = Path(sys.executable).with_name("kubedream")
+
+
+def _condition(obj: dict[str, Any], kind: str) -> bool:
+    return any(
+        c.get("type") == kind and c.get("status") == "True"
+        for c in (obj.get("status") or {}).get("conditions") or ()
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def _get_or_none(rest: KubeRest, path: str) -> dict[str, Any] | None:
+    try:
+        return rest.get(path)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+@pytest.fixture(scope="module")
+def crd(bed: BedInfo) -> dict[str, Any]:
+    """The generated CRD, created (or replaced) in the bed and established."""
+    rest = bed.rest()
+    wanted = build_crd()
+    existing = _get_or_none(rest, f"{CRDS}/{CRD_NAME}")
+    if existing is None:
+        rest.post(CRDS, wanted)
+    else:
+        wanted["metadata"]["resourceVersion"] = existing["metadata"]["resourceVersion"]
+        rest.request("PUT", f"{CRDS}/{CRD_NAME}", wanted)
+    return wait_for(
+        lambda: (lambda c: c if _condition(c, "Established") else None)(
+            rest.get(f"{CRDS}/{CRD_NAME}")
+        ),
+        30,
+        "the FineTuneJob CRD to be established",
+    )
+
+
+class Jobs:
+    """FineTuneJobs and their children in one namespace, through the bed's REST client."""
+
+    def __init__(self, bed: BedInfo, namespace: str) -> None:
+        self.rest = bed.rest()
+        self.ns = namespace
+        self.base = f"/apis/{API_VERSION}/namespaces/{namespace}/finetunejobs"
+
+    def manifest(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "apiVersion": API_VERSION,
+            "kind": "FineTuneJob",
+            "metadata": {"name": name},
+            "spec": spec,
+        }
+
+    def create(self, name: str, spec: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
+        body = self.manifest(name, spec)
+        if dry_run:
+            return self.rest.request("POST", self.base, body, query={"dryRun": "All"})
+        # A CRD just established may take a moment to be served.
+        return wait_for(lambda: self._post_when_served(body), 20, "the FineTuneJob API")
+
+    def _post_when_served(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            return self.rest.post(self.base, body)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        return _get_or_none(self.rest, f"{self.base}/{name}")
+
+    def patch_spec(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        return self.rest.patch(f"{self.base}/{name}", {"spec": spec}, content_type=MERGE)
+
+    def delete(self, name: str) -> None:
+        self.rest.delete(f"{self.base}/{name}")
+
+    def status(self, name: str) -> dict[str, Any]:
+        return (self.get(name) or {}).get("status") or {}
+
+    def phase(self, name: str) -> str | None:
+        phase: str | None = self.status(name).get("phase")
+        return phase
+
+    def job(self, name: str) -> dict[str, Any] | None:
+        return _get_or_none(self.rest, f"/apis/batch/v1/namespaces/{self.ns}/jobs/{name}")
+
+    def config_map(self, name: str) -> dict[str, Any] | None:
+        return _get_or_none(self.rest, f"/api/v1/namespaces/{self.ns}/configmaps/{name}-spec")
+
+    def service(self, name: str) -> dict[str, Any] | None:
+        return _get_or_none(self.rest, f"/api/v1/namespaces/{self.ns}/services/{name}")
+
+    def pods(self, name: str) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = self.rest.get(
+            f"/api/v1/namespaces/{self.ns}/pods", labelSelector=f"kubedream.io/job={name}"
+        )["items"]
+        return items
+
+    def live_pods(self, name: str) -> list[dict[str, Any]]:
+        return [p for p in self.pods(name) if p["status"].get("phase") in ("Pending", "Running")]
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = self.rest.get(
+            f"/api/v1/namespaces/{self.ns}/events",
+            fieldSelector=f"involvedObject.name={name},involvedObject.kind=FineTuneJob",
+        )["items"]
+        return items
+
+    def secret(self, name: str, data: dict[str, str]) -> None:
+        self.rest.post(
+            f"/api/v1/namespaces/{self.ns}/secrets",
+            {"metadata": {"name": name}, "stringData": data},
+        )
+
+
+class Operator:
+    """`kubedream operator -n NAMESPACE` as a subprocess, pointed at the bed."""
+
+    def __init__(self, bed: BedInfo, namespace: str, log: Path) -> None:
+        self.bed, self.namespace, self.log = bed, namespace, log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            **self.bed.env,
+            "KUBEDREAM_STATUS_INTERVAL": STATUS_INTERVAL,
+            "KUBEDREAM_HANDLER_RETRIES": "5",
+        }
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [
+                    str(KUBEDREAM),
+                    "operator",
+                    "-n",
+                    self.namespace,
+                    "--metrics-port",
+                    str(_free_port()),
+                    "--health-port",
+                    str(_free_port()),
+                    "--trainer-image",
+                    "kubedream-trainer:bed",
+                ],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, no final status write, as when a node dies."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+        self.process = None
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.process = None
+
+    def tail(self) -> str:
+        return tail(self.log, 60)
+
+
+@pytest.fixture
+def jobs(bed: BedInfo, namespace: str, crd: dict[str, Any]) -> Jobs:
+    return Jobs(bed, namespace)
+
+
+@pytest.fixture
+def operator(
+    bed: BedInfo, namespace: str, crd: dict[str, Any], tmp_path: Path
+) -> Iterator[Operator]:
+    running = Operator(bed, namespace, tmp_path / "operator.log")
+    running.start()
+    try:
+        yield running
+    finally:
+        running.stop()
+        # Shown by pytest only when the test failed.
+        print(f"--- operator log (last lines) ---\n{running.tail()}")
+
+
+def _bed_spec(bed: BedInfo, **overrides: Any) -> dict[str, Any]:
+    """A tiny-model job whose data and output are in the bed's MinIO (which need not exist)."""
+    spec = minimal_spec(
+        data={"roots": [{"uri": "s3://kubedream-bed-data/none"}], "resolution": 64},
+        training={"maxSteps": 2},
+        output={"uri": "s3://kubedream-bed-runs/none"},
+        storage={
+            "endpoint": bed.s3_endpoint,
+            "region": bed.s3_region,
+            "addressingStyle": "path",
+            "credentialsSecret": "s3",
+        },
+        resources={"gpusPerNode": 1, "cpu": "1", "memory": "2Gi"},
+    )
+    spec.update(overrides)
+    return spec
+
+
+# -- the CRD ---------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_crd_accepts_the_examples_and_applies_defaults(jobs: Jobs) -> None:
+    created = jobs.create(
+        "ok", minimal_spec(output={"uri": "s3://runs-bucket/ok", "keepLast": None}), dry_run=True
+    )
+    spec = created["spec"]
+    assert spec["data"]["resolution"] == 512  # defaults from the model
+    assert spec["training"]["optimizer"] == "adamw"
+    assert spec["output"]["keepLast"] is None  # an explicit null (keep all) survives
+    with_tolerations = minimal_spec(
+        resources={"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": None}]}
+    )
+    jobs.create("tolerant", with_tolerations, dry_run=True)  # a nullable enum takes null
+
+
+@pytest.mark.timeout(60)
+def test_crd_rejects_an_invalid_finetunejob(jobs: Jobs) -> None:
+    jobs.create("warmup", minimal_spec(), dry_run=True)
+    cases = {
+        "no-length": (minimal_spec(training={"batchSize": 2}), "set epochs or maxSteps (or both)"),
+        "no-roots": (minimal_spec(data={"roots": []}), "spec.data.roots"),
+        "bad-resolution": (
+            minimal_spec(data={"roots": [{"uri": "x"}], "resolution": 100}),
+            "spec.data.resolution",
+        ),
+        "bad-multiplier": (
+            minimal_spec(data={"roots": [{"uri": "x", "multiplier": 0}]}),
+            "multiplier",
+        ),
+        "bad-enum": (minimal_spec(model={"base": "tiny", "family": "sd3"}), "spec.model.family"),
+        "twice": (
+            minimal_spec(output={"uri": "x", "formats": ["diffusers", "diffusers"]}),
+            "formats",
+        ),
+        "n" * 53: (minimal_spec(), "metadata.name must be at most 52 characters"),
+    }
+    for name, (spec, expected) in cases.items():
+        with pytest.raises(ApiException) as rejected:
+            jobs.create(name, spec, dry_run=True)
+        assert rejected.value.status == 422, name
+        assert expected in str(rejected.value.body), (name, rejected.value.body)
+
+
+# -- the operator ----------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_a_finetunejob_becomes_a_job_with_the_right_pods(
+    bed: BedInfo, jobs: Jobs, operator: Operator
+) -> None:
+    jobs.create("tiny", _bed_spec(bed))
+    job = wait_for(lambda: jobs.job("tiny"), 60, "the trainer Job")
+    owner = jobs.get("tiny")
+    assert owner is not None
+    assert job["metadata"]["ownerReferences"][0]["uid"] == owner["metadata"]["uid"]
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["podFailurePolicy"]["rules"][1]["onExitCodes"]["values"] == [2, 3]
+    config_map = jobs.config_map("tiny")
+    assert config_map is not None
+    assert "maxSteps: 2" in config_map["data"]["job.yaml"]
+
+    pod = wait_for(lambda: next(iter(jobs.pods("tiny")), None), 60, "a trainer pod")
+    container = pod["spec"]["containers"][0]
+    assert container["image"] == "kubedream-trainer:bed"
+    assert container["command"] == ["kubedream", "train", "/etc/kubedream/job.yaml"]
+    assert container["resources"]["limits"] == {"cpu": "1", "memory": "2Gi", "nvidia.com/gpu": "1"}
+    env = {e["name"]: e for e in container["env"]}
+    assert env["AWS_ENDPOINT_URL"]["value"] == bed.s3_endpoint
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {
+        "name": "s3",
+        "key": "AWS_ACCESS_KEY_ID",
+    }
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    assert pod["spec"]["nodeName"] == bed.node_name
+
+    status = wait_for(
+        lambda: jobs.status("tiny").get("conditions") and jobs.status("tiny"), 30, "a status"
+    )
+    assert status["phase"] in ("Pending", "Running", "Failed")
+    assert status["worldSize"] == 1
+    created = {c["type"]: c for c in status["conditions"]}["Created"]
+    assert created["status"] == "True"
+
+
+@pytest.mark.timeout(90)
+def test_an_invalid_spec_fails_with_invalid_spec_and_no_pods(
+    jobs: Jobs, operator: Operator
+) -> None:
+    # The schema lets it through; the model's validation (URI schemes) does not.
+    jobs.create("bad", minimal_spec(model={"base": "gs://bucket/model"}))
+    status = wait_for(
+        lambda: jobs.status("bad") if jobs.phase("bad") == "Failed" else None, 60, "phase Failed"
+    )
+    failed = {c["type"]: c for c in status["conditions"]}["Failed"]
+    assert failed["reason"] == "InvalidSpec"
+    assert "spec.model.base: must be a local path or s3://bucket/prefix" in failed["message"]
+    warning = wait_for(
+        lambda: [e for e in jobs.events("bad") if e["reason"] == "InvalidSpec"],
+        30,
+        "the InvalidSpec Event",
+    )
+    assert warning[0]["type"] == "Warning"
+    assert jobs.job("bad") is None
+    assert jobs.config_map("bad") is None
+    assert jobs.pods("bad") == []
+
+
+@pytest.mark.timeout(150)
+def test_suspend_and_resume_toggle_the_job(bed: BedInfo, jobs: Jobs, operator: Operator) -> None:
+    jobs.create(
+        "toggle",
+        _bed_spec(bed, resources={"nodes": 2, "gpusPerNode": 1}, runPolicy={"suspend": True}),
+    )
+    job = wait_for(lambda: jobs.job("toggle"), 60, "the trainer Job")
+    assert job["spec"]["suspend"] is True
+    service = jobs.service("toggle")
+    assert service is not None
+    assert service["spec"]["clusterIP"] == "None"
+    assert job["spec"]["template"]["spec"]["subdomain"] == "toggle"
+    wait_for(lambda: jobs.phase("toggle") == "Suspended", 30, "phase Suspended")
+    assert jobs.pods("toggle") == []
+
+    jobs.patch_spec("toggle", {"runPolicy": {"suspend": False}})
+    wait_for(
+        lambda: (jobs.job("toggle") or {}).get("spec", {}).get("suspend") is False,
+        30,
+        "the Job resumed",
+    )
+    wait_for(lambda: len(jobs.pods("toggle")) == 2, 60, "two trainer pods")
+    wait_for(lambda: jobs.phase("toggle") != "Suspended", 30, "the phase to leave Suspended")
+
+    jobs.patch_spec("toggle", {"runPolicy": {"suspend": True}})
+    wait_for(
+        lambda: (jobs.job("toggle") or {}).get("spec", {}).get("suspend") is True,
+        30,
+        "the Job suspended",
+    )
+    wait_for(lambda: not jobs.live_pods("toggle"), 90, "the pods to stop")
+    wait_for(lambda: jobs.phase("toggle") == "Suspended", 30, "phase Suspended again")
+    reasons = [e["reason"] for e in jobs.events("toggle")]
+    assert "Suspended" in reasons
+
+
+@pytest.mark.timeout(120)
+def test_deleting_a_finetunejob_collects_its_children(
+    bed: BedInfo, jobs: Jobs, operator: Operator
+) -> None:
+    jobs.create("gone", _bed_spec(bed, resources={"nodes": 2}, runPolicy={"suspend": True}))
+    wait_for(
+        lambda: jobs.job("gone") and jobs.service("gone") and jobs.config_map("gone"),
+        60,
+        "the children",
+    )
+    jobs.delete("gone")
+    wait_for(
+        lambda: not (jobs.job("gone") or jobs.service("gone") or jobs.config_map("gone")),
+        90,
+        "the garbage collector to delete the Job, Service and ConfigMap",
+    )
+    assert jobs.get("gone") is None  # no finalizer held it back
+
+
+@pytest.mark.timeout(150)
+def test_a_restarted_operator_creates_no_duplicate(
+    bed: BedInfo, jobs: Jobs, operator: Operator
+) -> None:
+    # Children created, then the operator dies before writing any status.
+    operator.kill()
+    created = jobs.create("again", _bed_spec(bed, runPolicy={"suspend": True}))
+    owner = Owner("again", jobs.ns, created["metadata"]["uid"])
+    for obj in render_children(
+        owner, parse_spec(created["spec"]), OperatorDefaults(trainer_image="x:1")
+    ):
+        path = {
+            "ConfigMap": f"/api/v1/namespaces/{jobs.ns}/configmaps",
+            "Job": f"/apis/batch/v1/namespaces/{jobs.ns}/jobs",
+        }[obj["kind"]]
+        jobs.rest.post(path, copy.deepcopy(obj))
+    first = jobs.job("again")
+    assert first is not None
+    assert jobs.status("again") == {}
+
+    operator.start()
+    wait_for(lambda: jobs.phase("again") == "Suspended", 60, "the restarted operator's status")
+    job = jobs.job("again")
+    assert job is not None
+    assert job["metadata"]["uid"] == first["metadata"]["uid"]  # adopted, not re-created
+
+    # And when it is killed right after a fresh create, the next one picks up where it was.
+    jobs.create("fresh", _bed_spec(bed, runPolicy={"suspend": True}))
+    wait_for(lambda: jobs.job("fresh"), 60, "the second Job")
+    operator.kill()
+    before = jobs.job("fresh")
+    assert before is not None
+    operator.start()
+    wait_for(lambda: jobs.phase("fresh") == "Suspended", 60, "status after the restart")
+    after = jobs.job("fresh")
+    assert after is not None
+    assert after["metadata"]["uid"] == before["metadata"]["uid"]
+    listed = jobs.rest.get(f"/apis/batch/v1/namespaces/{jobs.ns}/jobs")["items"]
+    assert sorted(j["metadata"]["name"] for j in listed) == ["again", "fresh"]
