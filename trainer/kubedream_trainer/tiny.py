@@ -162,12 +162,12 @@ def tiny_model_dir(family: TinyFamily = "sd1", cache_dir: Path | None = None) ->
 
 
 def _write_pipeline(folder: Path, family: TinyFamily) -> None:
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
         StableDiffusionPipeline,
-        UNet2DConditionModel,
     )
+    from diffusers.schedulers.scheduling_ddim import DDIMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     configs = tiny_configs(family)
@@ -189,8 +189,8 @@ def _write_pipeline(folder: Path, family: TinyFamily) -> None:
         tokenizer=tokenizer,
         unet=unet,
         scheduler=DDIMScheduler(**configs["scheduler"]),
-        safety_checker=None,
-        feature_extractor=None,
+        safety_checker=None,  # type: ignore[arg-type]
+        feature_extractor=None,  # type: ignore[arg-type]
         requires_safety_checker=False,
     )
     pipeline.save_pretrained(folder)

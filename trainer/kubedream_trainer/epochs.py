@@ -1,0 +1,116 @@
+"""From data roots to a step schedule: the scanned data set, how many optimizer steps each
+epoch has, and fingerprints that tell a resumed run whether its data changed.
+
+The data layer plans each epoch deterministically from (dataset, seed, epoch), so the
+schedule is computed up front by planning every epoch once: `totalSteps` is exact even
+when multipliers draw a different number of images per epoch. Called by `loop`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+from kubedream_operator.spec import FineTuneJobSpec
+
+from .data import DataRootError, Dataset, plan_epoch, scan_roots
+from .errors import JobError
+
+T = TypeVar("T")
+
+
+def load_dataset(spec: FineTuneJobSpec) -> Dataset:
+    """Scan `spec.data.roots`; JobError when a root is missing or no image is usable."""
+    try:
+        dataset = scan_roots(spec.data.roots, spec.data.resolution, spec.storage)
+    except DataRootError as exc:
+        raise JobError(f"spec.data.roots: {exc}") from None
+    except ValueError as exc:
+        raise JobError(f"spec.data.resolution: {exc}") from None
+    if not dataset.images:
+        roots = ", ".join(root.uri for root in spec.data.roots)
+        detail = "; ".join(f"{p.path}: {p.problem}" for p in dataset.problems[:5])
+        raise JobError(
+            f"spec.data.roots: no usable images in {roots}"
+            + (f" ({detail})" if detail else "")
+            + f"; images must be at least the smallest bucket for resolution {spec.data.resolution}"
+        )
+    return dataset
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How many micro-batches each epoch holds and how many optimizer steps the run takes."""
+
+    batches_per_epoch: tuple[int, ...]
+    """Micro-batches per epoch, for every epoch that trains at least one step."""
+    accumulation: int
+    total_steps: int
+
+    @property
+    def total_epochs(self) -> int:
+        return len(self.batches_per_epoch)
+
+    def steps_before(self, epoch: int) -> int:
+        """Optimizer steps in all epochs before `epoch`."""
+        return sum(math.ceil(n / self.accumulation) for n in self.batches_per_epoch[:epoch])
+
+
+def build_schedule(dataset: Dataset, spec: FineTuneJobSpec, world_size: int, rank: int) -> Schedule:
+    """Plan epochs until `epochs` or `maxSteps`, whichever comes first."""
+    training = spec.training
+    counts: list[int] = []
+    steps = 0
+    while (training.epochs is None or len(counts) < training.epochs) and (
+        training.max_steps is None or steps < training.max_steps
+    ):
+        batches = len(
+            plan_epoch(
+                dataset,
+                len(counts),
+                training.seed,
+                training.batch_size,
+                world_size=world_size,
+                rank=rank,
+            )
+        )
+        if batches == 0:
+            raise JobError(
+                f"spec.data.roots: epoch {len(counts) + 1} draws no images (every multiplier rounds to 0?)"
+            )
+        counts.append(batches)
+        steps += math.ceil(batches / training.gradient_accumulation)
+    total = steps if training.max_steps is None else min(steps, training.max_steps)
+    return Schedule(tuple(counts), training.gradient_accumulation, total)
+
+
+def accumulation_groups(batches: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive groups of `size` micro-batches; the epoch's last group may be shorter."""
+    group: list[T] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def _digest(value: object) -> str:
+    return "sha256:" + hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def dataset_fingerprint(dataset: Dataset) -> str:
+    """Changes when any image, caption, bucket or multiplier changes."""
+    return _digest(
+        [(i.root_uri, i.key, i.etag, i.caption, i.bucket, i.multiplier) for i in dataset.images]
+    )
+
+
+def plan_fingerprint(batches: list[list[int]]) -> str:
+    """Identity of one epoch's plan (what a resumed run must reproduce)."""
+    return _digest(batches)

@@ -1,0 +1,260 @@
+"""The training loop, top to bottom: data, resume point, model, then steps until done.
+
+Each optimizer step trains `gradientAccumulation` micro-batches of the epoch's plan. After
+every step the loop reports progress, then checkpoints and samples when due. A stop signal
+ends the run after the current step with a committed checkpoint. Starting the same job
+again resumes from the newest committed checkpoint: weights, optimizer, LR schedule, EMA,
+random streams and the position inside the epoch, so an interrupted run ends bit-identical
+to an uninterrupted one (on the same hardware). Why accelerate is used only partly: see
+`session`. Called by `train_cli`.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from dataclasses import replace
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import trainee as trainees
+from .checkpoint import Checkpoint
+from .data import Dataset, plan_epoch
+from .data.loader import BatchLoader
+from .data.seeding import derive_seed
+from .epochs import (
+    accumulation_groups,
+    build_schedule,
+    dataset_fingerprint,
+    load_dataset,
+    plan_fingerprint,
+)
+from .models import load_components, resolve_model_dir
+from .progress import Phase
+from .samples import sample_round
+from .session import Session
+from .signals import StopRequest
+from .state import STATE_DIR, LoadedState, Position, read_state
+from .step import optimizer_step
+from .writer import save_checkpoint
+
+
+class Outcome(Enum):
+    """How `train` ended (errors raise instead)."""
+
+    FINISHED = "finished"
+    ALREADY_FINISHED = "already finished"
+    INTERRUPTED = "interrupted"
+
+
+def train(session: Session, stop: StopRequest) -> Outcome:
+    spec, progress, store = session.job.spec, session.progress, session.store
+    training = spec.training
+
+    progress.phase(Phase.STARTING, "scanning the data roots")
+    dataset = load_dataset(spec)
+    schedule = build_schedule(dataset, spec, session.world_size, session.rank)
+    progress.update(totalSteps=schedule.total_steps, totalEpochs=schedule.total_epochs)
+    if session.is_main:
+        store.remove_uncommitted()
+    latest = store.latest_resumable(STATE_DIR + "/")
+    progress.set_checkpoints([c.uri for c in store.committed()])
+    if latest is not None and latest.step >= schedule.total_steps:
+        progress.phase(
+            Phase.SUCCEEDED,
+            f"already finished at step {latest.step}: {latest.uri}",
+            step=latest.step,
+            epoch=latest.manifest.get("epoch"),
+        )
+        return Outcome.ALREADY_FINISHED
+
+    progress.phase(Phase.STARTING, f"loading the model {spec.model.base}")
+    model_dir = resolve_model_dir(spec.model.base, spec.storage, spec.model.family)
+    components = load_components(model_dir, spec.model, training.zero_terminal_snr)
+    trainee = trainees.build(
+        components, training, session.device, schedule.total_steps, session.rank
+    )
+    position = Position()
+    if latest is not None:
+        position = trainees.restore(
+            trainee, _read_state(session, latest), session.accelerator, session.rank
+        )
+        progress.say(
+            f"resuming from {latest.uri} (step {position.step}, epoch {position.epoch + 1})"
+        )
+    else:
+        _seed_everything(training.seed, session.rank)
+    trainees.wrap(
+        trainee, session.accelerator, session.env.compile_backend if training.compile else None
+    )
+    saved_at = latest.step if latest is not None else None
+    sampled_at = None
+    fingerprints = {"datasetFingerprint": dataset_fingerprint(dataset)}
+    if latest is not None:
+        _warn_if_data_changed(
+            session, latest, fingerprints["datasetFingerprint"], position, dataset
+        )
+
+    progress.phase(
+        Phase.TRAINING,
+        f"training {components.family} ({components.prediction_type}), "
+        f"{schedule.total_steps} steps",
+        step=position.step,
+        epoch=position.epoch + 1,
+    )
+    while position.step < schedule.total_steps:
+        batches = plan_epoch(
+            dataset,
+            position.epoch,
+            training.seed,
+            training.batch_size,
+            world_size=session.world_size,
+            rank=session.rank,
+        )
+        loader = BatchLoader(
+            dataset,
+            batches,
+            data_spec=spec.data,
+            seed=training.seed,
+            epoch=position.epoch,
+            storage_settings=spec.storage,
+            workers=spec.data.loader_workers,
+            start_batch=position.batch_in_epoch,
+        )
+        fingerprints["planFingerprint"] = plan_fingerprint(batches)
+        for group in accumulation_groups(loader, training.gradient_accumulation):
+            if stop.agreed(session.accelerator):
+                if saved_at != position.step and position.step > 0:
+                    _save(session, trainee, position, schedule.total_steps, fingerprints)
+                progress.phase(
+                    Phase.INTERRUPTED,
+                    f"stopped by signal {stop.signum} at step {position.step}; "
+                    "starting the job again resumes from the newest checkpoint",
+                )
+                return Outcome.INTERRUPTED
+            result = optimizer_step(trainee, group, training, session.accelerator, position.step)
+            position = _advance(position, len(group), result.images, len(batches))
+            epoch_ended = position.batch_in_epoch == 0
+            progress.step(
+                position.step,
+                _epoch_label(position),
+                result.loss,
+                result.images * session.world_size,
+                float(trainee.lr_scheduler.get_last_lr()[0]),
+            )
+            if _due(
+                position, epoch_ended, spec.output.save_every_steps, spec.output.save_every_epochs
+            ):
+                _save(session, trainee, position, schedule.total_steps, fingerprints)
+                saved_at = position.step
+            if spec.samples.prompts and _due(
+                position, epoch_ended, spec.samples.every_steps, spec.samples.every_epochs
+            ):
+                sample_round(session, trainee, position.step)
+                sampled_at = position.step
+            if position.step >= schedule.total_steps:
+                break
+            progress.back_to_training()
+
+    if saved_at != position.step:
+        _save(session, trainee, position, schedule.total_steps, fingerprints)
+    if spec.samples.prompts and sampled_at != position.step:
+        sample_round(session, trainee, position.step)
+    progress.phase(
+        Phase.SUCCEEDED,
+        f"finished {position.step} steps; final checkpoint: {progress.record['lastCheckpoint']}",
+        step=position.step,
+        epoch=_epoch_label(position),
+    )
+    return Outcome.FINISHED
+
+
+def _advance(position: Position, micro_batches: int, images: int, epoch_size: int) -> Position:
+    """One optimizer step later; rolls over to the next epoch at the end of the plan."""
+    batch = position.batch_in_epoch + micro_batches
+    ended = batch >= epoch_size
+    return replace(
+        position,
+        step=position.step + 1,
+        epoch=position.epoch + int(ended),
+        batch_in_epoch=0 if ended else batch,
+        images_seen=position.images_seen + images,
+    )
+
+
+def _epoch_label(position: Position) -> int:
+    """1-based epoch of the last trained step (the finished epoch right at an epoch's end)."""
+    return (
+        position.epoch if position.batch_in_epoch == 0 and position.step > 0 else position.epoch + 1
+    )
+
+
+def _due(
+    position: Position, epoch_ended: bool, every_steps: int | None, every_epochs: int | None
+) -> bool:
+    """Whether a save (or sample round) every N steps / N epochs falls on this step."""
+    return bool(every_steps and position.step % every_steps == 0) or bool(
+        epoch_ended and every_epochs and _epoch_label(position) % every_epochs == 0
+    )
+
+
+def _save(
+    session: Session,
+    trainee: trainees.Trainee,
+    position: Position,
+    total_steps: int,
+    fingerprints: dict[str, str],
+) -> Checkpoint | None:
+    """Checkpoint now; the plan fingerprint only matters when resuming mid-epoch."""
+    recorded = dict(fingerprints)
+    if position.batch_in_epoch == 0:
+        recorded.pop("planFingerprint", None)
+    return save_checkpoint(
+        session,
+        trainee,
+        position,
+        epoch=_epoch_label(position),
+        total_steps=total_steps,
+        fingerprints=recorded,
+    )
+
+
+def _warn_if_data_changed(
+    session: Session, latest: Checkpoint, dataset_print: str, position: Position, dataset: Dataset
+) -> None:
+    """Resuming on changed data still works, but is no longer bit-exact: say so."""
+    changed = latest.manifest.get("datasetFingerprint") != dataset_print
+    recorded_plan = latest.manifest.get("planFingerprint")
+    if recorded_plan is not None and not changed:
+        training = session.job.spec.training
+        batches = plan_epoch(
+            dataset,
+            position.epoch,
+            training.seed,
+            training.batch_size,
+            world_size=session.world_size,
+            rank=session.rank,
+        )
+        changed = plan_fingerprint(batches) != recorded_plan
+    if changed:
+        session.progress.say(
+            "warning: the data (or batch size, or world size) changed since the checkpoint; "
+            "resuming at the same step and position in the epoch"
+        )
+
+
+def _read_state(session: Session, checkpoint: Checkpoint) -> LoadedState:
+    """Fetch (when remote) and read a checkpoint's training state."""
+    with tempfile.TemporaryDirectory(prefix="kd-resume-", dir=session.env.staging_dir) as tmp:
+        return read_state(session.store.fetch(checkpoint, STATE_DIR, Path(tmp)))
+
+
+def _seed_everything(seed: int, rank: int) -> None:
+    """Seed the global generators of a fresh run (restored from the checkpoint on resume)."""
+    derived = derive_seed("global", seed, rank)
+    random.seed(derived)
+    np.random.seed(derived % 2**32)
+    torch.manual_seed(derived % 2**63)

@@ -1,0 +1,221 @@
+"""Load a Stable Diffusion model folder into the pieces training needs.
+
+Every base model, tiny or real, is a diffusers folder read with `from_pretrained`:
+`resolve_model_dir` turns `spec.model.base` into such a folder, `load_components` loads the
+UNet, VAE, text encoder, tokenizer and schedulers and settles the family (sd1/sd2) and the
+prediction type. `encode_prompt` is the one place that turns captions into UNet
+conditioning, returning extra UNet keyword arguments alongside the hidden states: SDXL
+(two text encoders, pooled embeddings, `added_cond_kwargs` with time ids) will slot in
+there and in `Components` without reshaping the loop.
+
+Called by `loop` (training), `samples` and `checkpoint` (export).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from kubedream_operator.spec import TINY_MODEL, TINY_SDXL_MODEL, ModelSpec
+
+from .errors import JobError
+from .tiny import tiny_model_dir
+
+Family = Literal["sd1", "sd2", "sdxl"]
+PredictionType = Literal["epsilon", "v_prediction"]
+
+_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+@dataclass
+class Components:
+    """A loaded model: trainable networks, frozen helpers and what they were detected as."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    noise_scheduler: DDPMScheduler
+    """The training noise schedule (zero-terminal-SNR rescaled when asked)."""
+    inference_scheduler_config: dict[str, Any]
+    """Scheduler config written into checkpoints and used for samples (`_class_name` included)."""
+    family: Family
+    prediction_type: PredictionType
+    model_dir: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Room for SDXL's second text encoder and tokenizer."""
+
+
+@dataclass
+class Conditioning:
+    """What the UNet is conditioned on for one batch of captions."""
+
+    encoder_hidden_states: torch.Tensor
+    unet_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra UNet arguments (SDXL's `added_cond_kwargs`); empty for SD1/SD2."""
+
+
+def resolve_model_dir(
+    base: str, storage_settings: object | None = None, family: str = "auto"
+) -> Path:
+    """`spec.model.base` as a local diffusers folder (built for `tiny`)."""
+    if base == TINY_MODEL:
+        if family == "sdxl":
+            raise JobError(
+                "spec.model.family: the tiny model is sd1 or sd2; tiny SDXL is not supported yet"
+            )
+        return tiny_model_dir("sd2" if family == "sd2" else "sd1")
+    if base == TINY_SDXL_MODEL:
+        raise JobError(
+            "spec.model.base: tiny-sdxl is not supported by the trainer yet (SDXL training is planned)"
+        )
+    if base.startswith("s3://"):
+        return _fetch_remote_model(base, storage_settings)
+    path = Path(base).expanduser()
+    if not path.is_dir():
+        raise JobError(f"spec.model.base: model folder {base} does not exist (or is not a folder)")
+    if not (path / "model_index.json").is_file():
+        raise JobError(
+            f"spec.model.base: {path / 'model_index.json'} not found; expected a diffusers folder "
+            "with model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/"
+        )
+    missing = [name for name in _SUBFOLDERS if not (path / name).is_dir()]
+    if missing:
+        raise JobError(f"spec.model.base: {path} lacks the folder(s) {', '.join(missing)}")
+    return path
+
+
+def _fetch_remote_model(uri: str, storage_settings: object | None) -> Path:
+    """Download an s3:// model folder to a local cache (filled in with the S3 work)."""
+    raise JobError(
+        f"spec.model.base: {uri}: s3:// model folders are not supported by the trainer yet; "
+        "copy the folder to local disk and set spec.model.base to its path"
+    )
+
+
+def detect_family(model_dir: Path) -> Family:
+    """sdxl when the folder has a second text encoder; sd2 when its text encoder is OpenCLIP
+    (GELU activations); otherwise sd1 (OpenAI CLIP, quick-GELU)."""
+    index = json.loads((model_dir / "model_index.json").read_text())
+    if (index.get("text_encoder_2") or [None])[0] is not None:
+        return "sdxl"
+    config = json.loads((model_dir / "text_encoder" / "config.json").read_text())
+    return "sd2" if config.get("hidden_act") == "gelu" else "sd1"
+
+
+def _prediction_type(spec: ModelSpec, scheduler_config: dict[str, Any]) -> PredictionType:
+    chosen = (
+        spec.prediction_type
+        if spec.prediction_type != "auto"
+        else scheduler_config.get("prediction_type", "epsilon")
+    )
+    if chosen not in ("epsilon", "v_prediction"):
+        raise JobError(
+            f"spec.model.predictionType: the model's scheduler predicts {chosen!r}; "
+            "set epsilon or v_prediction explicitly"
+        )
+    return chosen
+
+
+def inference_scheduler_config(
+    base: dict[str, Any], prediction_type: str, zero_terminal_snr: bool
+) -> dict[str, Any]:
+    """The base scheduler config, predicting what was trained. A zero-terminal-SNR model needs
+    rescaled betas and trailing timesteps at inference (Lin et al. 2023, section 3.3); when the
+    base scheduler cannot do that, DDIM replaces it."""
+    config = {k: v for k, v in base.items() if not k.startswith("_") or k == "_class_name"}
+    config["prediction_type"] = prediction_type
+    if zero_terminal_snr:
+        if config.get("_class_name") not in (
+            "DDIMScheduler",
+            "DDPMScheduler",
+            "EulerDiscreteScheduler",
+        ):
+            config = {
+                k: v
+                for k, v in DDIMScheduler.from_config(config).config.items()
+                if not k.startswith("_")
+            }
+            config["_class_name"] = "DDIMScheduler"
+        config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return config
+
+
+def load_components(model_dir: Path, spec: ModelSpec, zero_terminal_snr: bool) -> Components:
+    """Load every component from a diffusers folder; a broken folder is a JobError naming the part."""
+    family: Family = detect_family(model_dir) if spec.family == "auto" else spec.family
+    if family == "sdxl":
+        raise JobError(
+            "spec.model.family: SDXL training is not supported yet; use an SD1 or SD2 model"
+        )
+
+    def load(name: str, loader: Any) -> Any:
+        try:
+            return loader(model_dir, subfolder=name)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise JobError(f"spec.model.base: cannot load {model_dir / name}: {exc}") from None
+
+    scheduler_config: dict[str, Any] = dict(load("scheduler", DDPMScheduler.load_config))
+    prediction_type = _prediction_type(spec, scheduler_config)
+    noise_scheduler = DDPMScheduler.from_config(
+        {
+            k: v
+            for k, v in scheduler_config.items()
+            if k in DDPMScheduler._get_init_keys(DDPMScheduler)
+        },
+        prediction_type=prediction_type,
+        rescale_betas_zero_snr=zero_terminal_snr,
+    )
+    return Components(
+        unet=load("unet", UNet2DConditionModel.from_pretrained),
+        vae=load("vae", AutoencoderKL.from_pretrained),
+        text_encoder=load("text_encoder", CLIPTextModel.from_pretrained),
+        tokenizer=load("tokenizer", CLIPTokenizer.from_pretrained),
+        noise_scheduler=noise_scheduler,
+        inference_scheduler_config=inference_scheduler_config(
+            scheduler_config, prediction_type, zero_terminal_snr
+        ),
+        family=family,
+        prediction_type=prediction_type,
+        model_dir=model_dir,
+    )
+
+
+def build_inference_scheduler(config: dict[str, Any]) -> SchedulerMixin:
+    """Instantiate the scheduler class the config names (from diffusers)."""
+    import diffusers
+
+    cls = getattr(diffusers, str(config.get("_class_name", "DDIMScheduler")), DDIMScheduler)
+    scheduler: SchedulerMixin = cls.from_config(config)
+    return scheduler
+
+
+def encode_prompt(
+    components: Components,
+    captions: list[str],
+    device: torch.device,
+    text_encoder: torch.nn.Module | None = None,
+) -> Conditioning:
+    """Tokenize (padded to the model's 77 tokens) and encode captions; "" is the unconditional
+    caption that condition dropout trains. `text_encoder` overrides the component (a
+    DDP-wrapped copy while it trains)."""
+    tokens = components.tokenizer(
+        captions,
+        padding="max_length",
+        max_length=components.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    encoder = text_encoder if text_encoder is not None else components.text_encoder
+    hidden = encoder(tokens.input_ids.to(device)).last_hidden_state
+    return Conditioning(encoder_hidden_states=hidden)

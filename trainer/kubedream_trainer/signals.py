@@ -1,0 +1,67 @@
+"""Graceful stop on SIGTERM (Kubernetes eviction, preemption, suspend) and SIGINT (Ctrl-C).
+
+The handler only sets a flag. The loop checks it after every optimizer step, commits a
+checkpoint and exits with 143 (SIGTERM) or 130 (SIGINT), never 0, so the pod is not taken
+for a finished job. A second signal of the same kind falls through to Python's default
+(SIGINT: KeyboardInterrupt) for an impatient user. Under torchrun every rank checks the
+flag through an all-reduce, so all ranks stop at the same step. Used by `train_cli`/`loop`.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+
+import torch
+from accelerate import Accelerator
+
+from .errors import ExitCode
+
+
+class StopRequest:
+    """Set by a signal handler; read by the loop."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum == signum:
+            signal.signal(
+                signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler
+            )
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+
+    @contextmanager
+    def installed(self) -> Iterator[StopRequest]:
+        """Install the handlers for the duration (main thread only; elsewhere a no-op)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {
+            sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)
+        }
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def agreed(self, accelerator: Accelerator) -> bool:
+        """Whether any rank was asked to stop (an all-reduce under torchrun)."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
+        return bool(accelerator.reduce(flag, "sum").item() > 0)
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return ExitCode.INTERRUPTED_SIGINT if self.signum == signal.SIGINT else ExitCode.INTERRUPTED

@@ -1,0 +1,147 @@
+"""The training state a checkpoint must hold for a bit-exact resume, and its files.
+
+`training_state/` inside every checkpoint holds:
+  unet.safetensors            the UNet as trained (not EMA), fp32
+  text_encoder.safetensors    the text encoder as trained, when it trains
+  ema_unet.safetensors        EMA shadow weights keyed by parameter name, when EMA is on
+  optimizer.pt                the optimizer's state_dict
+  trainer.pt                  position, LR schedule, EMA counters, grad scaler, RNG states
+
+`trainer.pt` is written with plain Python/tensor values only, so it loads with
+`torch.load(weights_only=True)`: a checkpoint can never execute code on load. RNG states are
+per rank (each rank has its own noise generator); rank 0 saves all of them.
+
+Called by `checkpoint` (writing) and `loop` (restoring).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_DIR = "training_state"
+
+
+@dataclass
+class Position:
+    """Where training stands, counted so that resuming continues at the next micro-batch."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    epoch: int = 0
+    """0-based epoch in progress (the plan `plan_epoch(dataset, epoch, ...)`)."""
+    batch_in_epoch: int = 0
+    """Micro-batches of that epoch already trained (a multiple of gradientAccumulation)."""
+    images_seen: int = 0
+    """Images trained on this rank so far."""
+
+    def as_manifest(self) -> dict[str, int]:
+        """camelCase, as checkpoint.json spells it."""
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batchInEpoch": self.batch_in_epoch,
+            "imagesSeen": self.images_seen,
+        }
+
+
+def capture_rng(noise_generator: torch.Generator) -> dict[str, Any]:
+    """This process's random states: python, numpy, torch CPU, CUDA, and the noise generator."""
+    numpy_state: Any = np.random.get_state(legacy=True)
+    kind, keys, pos, has_gauss, cached = numpy_state
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "noise": noise_generator.get_state(),
+    }
+
+
+def restore_rng(states: dict[str, Any], noise_generator: torch.Generator) -> None:
+    """Put back what `capture_rng` captured (the CUDA states only when CUDA is here)."""
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = states["numpy"]
+    np.random.set_state(
+        (
+            numpy_state["kind"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    noise_generator.set_state(states["noise"])
+
+
+def write_state(
+    folder: Path,
+    *,
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module | None,
+    ema_state: dict[str, Any] | None,
+    optimizer: torch.optim.Optimizer,
+    trainer: dict[str, Any],
+) -> None:
+    """Write `training_state/` under `folder`. `trainer` holds position, schedule, RNG states."""
+    out = folder / STATE_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(_cpu(unet.state_dict()), str(out / "unet.safetensors"))
+    if text_encoder is not None:
+        save_file(_cpu(text_encoder.state_dict()), str(out / "text_encoder.safetensors"))
+    if ema_state is not None:
+        names = [name for name, _ in unet.named_parameters()]
+        shadow = dict(zip(names, ema_state["shadow_params"], strict=True))
+        save_file(_cpu(shadow), str(out / "ema_unet.safetensors"))
+        trainer = {**trainer, "ema": {k: v for k, v in ema_state.items() if k != "shadow_params"}}
+    torch.save(optimizer.state_dict(), out / "optimizer.pt")
+    torch.save(trainer, out / "trainer.pt")
+
+
+@dataclass
+class LoadedState:
+    """What `read_state` hands back to the loop."""
+
+    unet: dict[str, torch.Tensor]
+    text_encoder: dict[str, torch.Tensor] | None
+    ema_shadow: dict[str, torch.Tensor] | None
+    optimizer: dict[str, Any]
+    trainer: dict[str, Any]
+
+    @property
+    def position(self) -> Position:
+        return Position(**self.trainer["position"])
+
+
+def read_state(folder: Path) -> LoadedState:
+    """Read `training_state/` from a local folder (fetched from the output first if remote)."""
+    root = folder / STATE_DIR
+    text = root / "text_encoder.safetensors"
+    ema = root / "ema_unet.safetensors"
+    return LoadedState(
+        unet=load_file(str(root / "unet.safetensors")),
+        text_encoder=load_file(str(text)) if text.is_file() else None,
+        ema_shadow=load_file(str(ema)) if ema.is_file() else None,
+        optimizer=torch.load(root / "optimizer.pt", map_location="cpu", weights_only=True),
+        trainer=torch.load(root / "trainer.pt", map_location="cpu", weights_only=True),
+    )
+
+
+def _cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}

@@ -1,0 +1,109 @@
+"""One training step: micro-batches forward and backward, then one optimizer update.
+
+`optimizer_step` trains on a group of `gradientAccumulation` micro-batches: each one's loss
+is divided by the group's size before backward, so the update sees the mean gradient; DDP
+syncs gradients only on the group's last micro-batch (`accelerator.no_sync`). A non-finite
+loss raises `DivergedError` before any weight changes. Called by `loop`.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+from accelerate import Accelerator
+
+from kubedream_operator.spec import TrainingSpec
+
+from . import latents, losses
+from .data.loader import Batch
+from .errors import DivergedError
+from .models import Components, encode_prompt
+from .trainee import Trainee
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step did."""
+
+    loss: float
+    """Mean loss over the group's micro-batches (and ranks)."""
+    images: int
+    """Images trained in this step on this rank."""
+
+
+def micro_batch_loss(
+    trainee: Trainee,
+    pixel_values: torch.Tensor,
+    captions: list[str],
+    cache_keys: list[tuple[int, bool]],
+    spec: TrainingSpec,
+    accelerator: Accelerator,
+) -> torch.Tensor:
+    """The diffusion loss of one micro-batch (not yet backpropagated)."""
+    components: Components = trainee.components
+    generator = trainee.generator
+    scheduler = components.noise_scheduler
+    pixels = pixel_values.to(accelerator.device, dtype=components.vae.dtype)
+    clean = latents.encode(components.vae, pixels, generator, trainee.latent_cache, cache_keys)
+    noise = losses.sample_noise(clean, spec.offset_noise, generator)
+    timesteps = losses.sample_timesteps(clean.shape[0], scheduler, generator)
+    noisy = scheduler.add_noise(clean, noise, cast(torch.IntTensor, timesteps))
+    target = losses.training_target(scheduler, clean, noise, timesteps)
+    with accelerator.autocast():
+        with torch.set_grad_enabled(trainee.text_encoder_trains):
+            conditioning = encode_prompt(
+                components, captions, accelerator.device, trainee.text_encoder
+            )
+        prediction = trainee.unet(
+            noisy, timesteps, conditioning.encoder_hidden_states, **conditioning.unet_kwargs
+        ).sample
+    return losses.diffusion_loss(prediction, target, timesteps, scheduler, spec.min_snr_gamma)
+
+
+def optimizer_step(
+    trainee: Trainee,
+    micro_batches: list[Batch],
+    spec: TrainingSpec,
+    accelerator: Accelerator,
+    step: int,
+) -> StepResult:
+    """Accumulate gradients over `micro_batches`, clip, update, advance the schedule and EMA."""
+    total = torch.zeros((), device=accelerator.device)
+    images = 0
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with nullcontext() if last else trainee.no_sync(accelerator):
+            loss = micro_batch_loss(
+                trainee,
+                batch.pixel_values,
+                batch.captions,
+                list(zip(batch.indices, batch.flipped, strict=True)),
+                spec,
+                accelerator,
+            )
+            checked = (
+                accelerator.reduce(loss.detach(), "mean")
+                if accelerator.num_processes > 1
+                else loss.detach()
+            )
+            if not torch.isfinite(checked):
+                raise DivergedError(
+                    f"the loss is {checked.item()} at step {step + 1}: training diverged. Lower "
+                    "spec.training.unetLearningRate (or textEncoderLearningRate), keep maxGradNorm set, "
+                    "or use mixedPrecision bf16 instead of fp16"
+                )
+            accelerator.backward(loss / len(micro_batches))
+        total += checked
+        images += len(batch.captions)
+    if spec.max_grad_norm is not None:
+        accelerator.clip_grad_norm_(trainee.trainable_parameters(), spec.max_grad_norm)
+    trainee.optimizer.step()
+    if not accelerator.optimizer_step_was_skipped:
+        trainee.lr_scheduler.step()
+    trainee.optimizer.zero_grad(set_to_none=True)
+    if trainee.ema is not None:
+        trainee.ema.step(trainee.components.unet.parameters())
+    return StepResult(loss=(total / len(micro_batches)).item(), images=images)

@@ -1,0 +1,144 @@
+"""The model under training and everything that updates it: which networks train, the
+optimizer, the LR schedule, EMA, the noise generator, the latent cache.
+
+`build` sets up the raw modules (all weights stay fp32; autocast chooses the compute
+precision, so exported weights never lose precision), `restore` loads a checkpoint's
+training state into them, and `wrap` hands the trained networks to the Accelerator (DDP
+under torchrun) and torch.compile last, so checkpoints always read the unwrapped modules.
+Called by `loop`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+from accelerate import Accelerator
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from diffusers.training_utils import EMAModel
+from torch.optim.lr_scheduler import LRScheduler
+
+from kubedream_operator.spec import TrainingSpec
+
+from .data.seeding import derive_seed
+from .errors import JobError
+from .latents import LatentCache
+from .models import Components
+from .optim import build_lr_scheduler, build_optimizer, param_groups
+from .state import LoadedState, Position, restore_rng
+
+
+@dataclass
+class Trainee:
+    """The networks as trained plus their optimizer state."""
+
+    components: Components
+    unet: torch.nn.Module
+    """The UNet to call forward on (wrapped by DDP / torch.compile after `wrap`)."""
+    text_encoder: torch.nn.Module
+    """The text encoder to call forward on (DDP-wrapped when it trains)."""
+    text_encoder_trains: bool
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: LRScheduler
+    ema: EMAModel | None
+    generator: torch.Generator
+    """Noise, timesteps and latent sampling draw from this, and only this."""
+    latent_cache: LatentCache | None
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        params = list(self.components.unet.parameters())
+        if self.text_encoder_trains:
+            params += list(self.components.text_encoder.parameters())
+        return params
+
+    @contextmanager
+    def no_sync(self, accelerator: Accelerator) -> Iterator[None]:
+        """Skip DDP's gradient all-reduce (every micro-batch of a group but the last)."""
+        with ExitStack() as stack:
+            stack.enter_context(accelerator.no_sync(self.unet))
+            if self.text_encoder_trains:
+                stack.enter_context(accelerator.no_sync(self.text_encoder))
+            yield
+
+
+def build(
+    components: Components, spec: TrainingSpec, device: torch.device, total_steps: int, rank: int
+) -> Trainee:
+    """Freeze what does not train, move to the device, create optimizer, schedule and EMA."""
+    trains_text = bool(spec.text_encoder_learning_rate)
+    vae, unet = cast(torch.nn.Module, components.vae), cast(torch.nn.Module, components.unet)
+    vae.requires_grad_(False).eval().to(device)
+    unet.requires_grad_(True).train().to(device)
+    components.text_encoder.requires_grad_(trains_text).train(trains_text).to(device)
+    if spec.gradient_checkpointing:
+        components.unet.enable_gradient_checkpointing()
+        if trains_text:
+            components.text_encoder.gradient_checkpointing_enable()
+    groups = param_groups(
+        spec,
+        components.unet.parameters(),
+        components.text_encoder.parameters() if trains_text else None,
+    )
+    optimizer = build_optimizer(spec, groups, device)
+    ema = None
+    if spec.ema is not None:
+        ema = EMAModel(
+            components.unet.parameters(),
+            decay=spec.ema.decay,
+            model_cls=UNet2DConditionModel,
+            model_config=components.unet.config,
+        )
+    generator = torch.Generator(device=device).manual_seed(
+        derive_seed("noise", spec.seed, rank) % 2**63
+    )
+    return Trainee(
+        components=components,
+        unet=components.unet,
+        text_encoder=components.text_encoder,
+        text_encoder_trains=trains_text,
+        optimizer=optimizer,
+        lr_scheduler=build_lr_scheduler(spec, optimizer, total_steps),
+        ema=ema,
+        generator=generator,
+        latent_cache=LatentCache() if spec.cache_latents else None,
+    )
+
+
+def restore(trainee: Trainee, loaded: LoadedState, accelerator: Accelerator, rank: int) -> Position:
+    """Load a checkpoint's training state; returns where training stands."""
+    components = trainee.components
+    components.unet.load_state_dict(loaded.unet, strict=True)
+    if trainee.text_encoder_trains and loaded.text_encoder is not None:
+        components.text_encoder.load_state_dict(loaded.text_encoder, strict=True)
+    try:
+        trainee.optimizer.load_state_dict(loaded.optimizer)
+    except (ValueError, KeyError) as exc:
+        raise JobError(
+            "spec.training: the checkpoint's optimizer state does not fit this job (optimizer or "
+            f"trained networks changed since it was written: {exc}); use a new spec.output.uri"
+        ) from None
+    trainee.lr_scheduler.load_state_dict(loaded.trainer["lr_scheduler"])
+    if accelerator.scaler is not None and loaded.trainer.get("grad_scaler"):
+        accelerator.scaler.load_state_dict(loaded.trainer["grad_scaler"])
+    if trainee.ema is not None and loaded.ema_shadow is not None:
+        names = [name for name, _ in components.unet.named_parameters()]
+        state: dict[str, Any] = dict(loaded.trainer["ema"])
+        state["shadow_params"] = [loaded.ema_shadow[name] for name in names]
+        trainee.ema.load_state_dict(state)
+        trainee.ema.to(device=accelerator.device)
+    rng_states = loaded.trainer["rng"]
+    restore_rng(rng_states[rank] if rank < len(rng_states) else rng_states[0], trainee.generator)
+    return loaded.position
+
+
+def wrap(trainee: Trainee, accelerator: Accelerator, compile_backend: str | None) -> None:
+    """Prepare for (distributed) training: DDP where it applies, then torch.compile."""
+    trainee.unet = accelerator.prepare_model(trainee.components.unet)
+    if trainee.text_encoder_trains:
+        trainee.text_encoder = accelerator.prepare_model(trainee.components.text_encoder)
+    trainee.optimizer = accelerator.prepare_optimizer(trainee.optimizer)
+    if compile_backend is not None:
+        trainee.unet = torch.compile(trainee.unet, backend=compile_backend)  # type: ignore[assignment]
