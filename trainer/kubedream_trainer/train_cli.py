@@ -1,0 +1,96 @@
+"""`kubedream train JOB.yaml [--device D]`: run a FineTuneJob's training locally or in a pod.
+
+Loads and validates the job, opens the session (Accelerator, output lease), runs the loop
+and turns every ending into a message and an exit code (`errors.ExitCode`, documented in
+docs/trainer.md): 0 finished, 1 the job must be fixed, 3 diverged, 4 storage, 75 output
+held by another trainer, 143/130 stopped by SIGTERM/SIGINT with a committed checkpoint.
+A failure after the lease is taken is also written to progress.json (phase Failed), so the
+operator can show it. Called by `kubedream_trainer.cli`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from kubedream_operator.spec import SpecError, load_job
+
+from .config import TrainerEnv
+from .errors import ExitCode, OutputError, TrainerError
+from .progress import Phase, Progress
+from .signals import StopRequest
+from .storage import StorageError
+
+
+def _quiet_libraries() -> None:
+    """Our messages on stderr; library progress bars and chatter off."""
+    logging.basicConfig(level=logging.INFO, format="kubedream: %(message)s", stream=sys.stderr)
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+
+
+def _fail(progress: Progress, error: TrainerError) -> int:
+    """Record the failure in progress.json (best effort) and on stderr."""
+    try:
+        progress.phase(Phase.FAILED, error.message)
+    except (OSError, StorageError) as exc:
+        print(f"kubedream: could not write progress.json: {exc}", file=sys.stderr)
+    if not progress.enabled:
+        print(f"kubedream: {error.message}", file=sys.stderr)
+    return int(error.exit_code)
+
+
+def _summary(progress: Progress) -> None:
+    record = progress.record
+    progress.say(f"checkpoint: {record['lastCheckpoint']}")
+    if record["lastSamples"]:
+        progress.say(f"samples:    {record['lastSamples']}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train the job named by `args.job` on `args.device`; returns the exit code."""
+    try:
+        job = load_job(args.job)
+    except SpecError as exc:
+        print(f"{args.job}: invalid", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return int(ExitCode.INVALID_JOB)
+    _quiet_libraries()
+    from .loop import Outcome, train
+    from .session import open_session
+
+    stop = StopRequest()
+    try:
+        with (
+            stop.installed(),
+            open_session(job, getattr(args, "device", None), TrainerEnv.from_environ()) as session,
+        ):
+            ended = False
+            try:
+                outcome = train(session, stop)
+                ended = True
+            except TrainerError as exc:
+                ended = True
+                return _fail(session.progress, exc)
+            except StorageError as exc:
+                ended = True
+                return _fail(session.progress, OutputError(str(exc)))
+            finally:
+                if not ended:  # a bug or a second Ctrl-C: the traceback follows
+                    session.progress.phase(Phase.FAILED, "the trainer crashed; see its log")
+    except TrainerError as exc:  # before the session existed (device, lease, environment)
+        print(f"kubedream: {exc.message}", file=sys.stderr)
+        return int(exc.exit_code)
+    except StorageError as exc:
+        print(f"kubedream: {exc}", file=sys.stderr)
+        return int(ExitCode.STORAGE)
+    if outcome is Outcome.INTERRUPTED:
+        return int(stop.exit_code)
+    _summary(session.progress)
+    return int(ExitCode.SUCCEEDED)
