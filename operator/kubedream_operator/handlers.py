@@ -23,7 +23,6 @@ KUBEDREAM_HANDLER_RETRIES with exponential backoff.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -33,8 +32,9 @@ from typing import Any, Protocol
 
 import kopf
 
-from . import contract, k8s
+from . import k8s
 from .metrics import Metrics
+from .progress import ProgressReader
 from .render import OperatorDefaults, Owner, frozen_changes, job_mutable_fields, render_children
 from .spec import GROUP, PLURAL, VERSION, FineTuneJobSpec, SpecError, parse_spec
 from .status import Observed, PhaseEvent, derive_status, finished, phase_event, status_patch
@@ -62,9 +62,6 @@ class KubeLike(Protocol):
     def job_pods(self, job: Mapping[str, Any]) -> list[dict[str, Any]]: ...
 
 
-ProgressReader = Callable[[FineTuneJobSpec], tuple[dict[str, Any] | None, bool]]
-
-
 @dataclass
 class Context:
     """What the handlers share, kept in kopf's memo under `context`."""
@@ -72,8 +69,10 @@ class Context:
     kube: KubeLike
     defaults: OperatorDefaults = field(default_factory=OperatorDefaults)
     metrics: Metrics = field(default_factory=Metrics)
-    read_progress: ProgressReader | None = None
-    """Reads <output>/progress.json; None uses `read_progress` (storage opened from the spec)."""
+    read_progress: Callable[[FineTuneJobSpec], tuple[dict[str, Any] | None, bool]] = field(
+        default_factory=ProgressReader
+    )
+    """Reads <output>/progress.json: (the dict or None when not written yet, whether the read worked)."""
 
 
 @dataclass(frozen=True)
@@ -93,30 +92,6 @@ class Outcome:
 def backoff(retry: int) -> float:
     """Exponential backoff for a retried handler: 5 s, 10 s, 20 s … capped at 5 minutes."""
     return float(min(5 * 2 ** max(retry, 0), MAX_BACKOFF))
-
-
-def read_progress(spec: FineTuneJobSpec) -> tuple[dict[str, Any] | None, bool]:
-    """(progress.json as a dict or None when not written yet, whether the read succeeded).
-
-    Storage comes from spec.output.uri with spec.storage's endpoint and region; S3 credentials
-    are the operator's own (its environment), not the job's Secret.
-    """
-    # The storage package belongs to the trainer; importing it late keeps boto3 out of tests that never read.
-    from kubedream_trainer.storage import StorageError, open_storage
-
-    try:
-        text = open_storage(spec.output.uri, spec.storage).read_text(contract.PROGRESS_FILE)
-    except FileNotFoundError:
-        return None, True
-    except (StorageError, OSError) as exc:
-        log.warning("cannot read %s/%s: %s", spec.output.uri, contract.PROGRESS_FILE, exc)
-        return None, False
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        log.warning("%s/%s is not JSON: %s", spec.output.uri, contract.PROGRESS_FILE, exc)
-        return None, False
-    return (data, True) if isinstance(data, dict) else (None, False)
 
 
 def ensure_children(
@@ -207,7 +182,7 @@ def reconcile(
         if job is not None:
             pods = ctx.kube.job_pods(job)
         if not done:
-            progress, progress_known = (ctx.read_progress or read_progress)(parsed)
+            progress, progress_known = ctx.read_progress(parsed)
     observed = Observed(
         generation=generation,
         spec=parsed,
@@ -255,10 +230,14 @@ def _instrumented(handler: str) -> Callable[[Callable[..., None]], Callable[...,
     return wrap
 
 
-def _write(outcome: Outcome, body: kopf.Body, patch: kopf.Patch, ctx: Context) -> None:
+def _write(outcome: Outcome, body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> None:
+    ctx: Context = memo["context"]
     for key, value in outcome.changes.items():
         patch.status[key] = value
-    if outcome.event is not None:
+    # The create handler and the first timer tick may both see the phase change before either
+    # write lands; the per-object memo lets only the first one announce it.
+    if outcome.event is not None and memo.get("announced") != outcome.status.get("phase"):
+        memo["announced"] = outcome.status.get("phase")
         kopf.event(
             body,
             type=outcome.event.type,
@@ -284,7 +263,7 @@ def _run(full: bool, body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo) -> Out
         status=body.get("status") or {},
         full=full,
     )
-    _write(outcome, body, patch, ctx)
+    _write(outcome, body, patch, memo)
     return outcome
 
 
@@ -348,6 +327,5 @@ __all__ = [
     "Outcome",
     "backoff",
     "ensure_children",
-    "read_progress",
     "reconcile",
 ]

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import kopf
 import pytest
 
 from kubedream_operator import handlers, k8s
-from kubedream_operator.handlers import Context, Outcome, backoff, read_progress, reconcile
+from kubedream_operator.handlers import Context, Outcome, backoff, reconcile
 from kubedream_operator.metrics import Metrics
 from kubedream_operator.render import OperatorDefaults
-from kubedream_operator.spec import parse_spec
 
 from .helpers import FakeKube, minimal_spec
 
@@ -220,17 +217,6 @@ def test_progress_is_mirrored_and_kept_through_read_errors(kube: FakeKube) -> No
     assert "loss" not in outcome.changes
 
 
-def test_read_progress_from_a_local_output(tmp_path: Path) -> None:
-    spec = parse_spec(minimal_spec(output={"uri": str(tmp_path)}))
-    assert read_progress(spec) == (None, True)  # not written yet
-    (tmp_path / "progress.json").write_text(json.dumps({"epoch": 1, "step": 5}))
-    assert read_progress(spec) == ({"epoch": 1, "step": 5}, True)
-    (tmp_path / "progress.json").write_text("{half")
-    assert read_progress(spec) == (None, False)
-    (tmp_path / "progress.json").write_text("[1, 2]")
-    assert read_progress(spec) == (None, False)
-
-
 def test_backoff_is_exponential_and_bounded() -> None:
     assert [backoff(r) for r in range(4)] == [5.0, 10.0, 20.0, 40.0]
     assert backoff(30) == handlers.MAX_BACKOFF
@@ -257,10 +243,14 @@ def test_kopf_shell_writes_status_and_posts_the_event(
     )
     ctx = make_context(kube)
     patch = kopf.Patch()
-    handlers.on_create(
-        body=_body(minimal_spec(training={})), patch=patch, memo=kopf.Memo(context=ctx), retry=0
-    )
+    memo = kopf.Memo(context=ctx)
+    handlers.on_create(body=_body(minimal_spec(training={})), patch=patch, memo=memo, retry=0)
     assert patch["status"]["phase"] == "Failed"
+    assert events == [("Warning", "InvalidSpec")]
+    # The first timer tick races the create handler and sees no status either: no second Event.
+    handlers.refresh_status(
+        body=_body(minimal_spec(training={})), patch=kopf.Patch(), memo=memo, retry=0
+    )
     assert events == [("Warning", "InvalidSpec")]
     assert ctx.metrics.jobs.labels("Failed")._value.get() == 1
 
