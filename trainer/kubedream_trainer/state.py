@@ -45,7 +45,7 @@ class Position:
         """camelCase, as checkpoint.json spells it."""
         return {
             "step": self.step,
-            "epoch": self.epoch,
+            "epochIndex": self.epoch,
             "batchInEpoch": self.batch_in_epoch,
             "imagesSeen": self.images_seen,
         }
