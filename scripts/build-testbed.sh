@@ -74,10 +74,10 @@ ldflags() {
             local day="${stamp:0:4}-${stamp:4:2}-${stamp:6:2}"
             tag="${day}T${stamp:8:2}-${stamp:10:2}-${stamp:12:2}Z"
             echo "-s -w -X github.com/minio/minio/cmd.Version=${day}T${stamp:8:2}:${stamp:10:2}:${stamp:12:2}Z" \
-                "-X github.com/minio/minio/cmd.ReleaseTag=RELEASE.${tag}" \
+                "-X github.com/minio/minio/cmd.ReleaseTag=RELEASE.${tag} -X github.com/minio/minio/cmd.CopyrightYear=${stamp:0:4}" \
                 "-X github.com/minio/minio/cmd.CommitID=$commit -X github.com/minio/minio/cmd.ShortCommitID=${commit:0:12}"
             ;;
-        helm) echo "-s -w -X helm.sh/helm/v3/internal/version.version=$v -X helm.sh/helm/v3/internal/version.gitCommit=$v -X helm.sh/helm/v3/internal/version.gitTreeState=clean" ;;
+        helm) echo "-s -w -X helm.sh/helm/v3/internal/version.version=$v -X helm.sh/helm/v3/internal/version.gitTreeState=clean" ;;
     esac
 }
 

@@ -333,3 +333,63 @@ def test_deleting_an_owner_garbage_collects_its_dependents(bed: BedInfo, namespa
         "the garbage collector to delete the child",
     )
     assert not _missing(rest, f"{config_maps}/bystander")
+
+
+@pytest.mark.timeout(60)
+def test_a_pod_waits_for_a_missing_secret_then_restarts_on_failure(
+    bed: BedInfo, namespace: str
+) -> None:
+    rest = bed.rest()
+    base = f"/api/v1/namespaces/{namespace}"
+    script = textwrap.dedent(
+        """
+        import os, pathlib, sys
+        tries = pathlib.Path("/state/tries")
+        tries.write_text(tries.read_text() + "x" if tries.exists() else "x")
+        print("try", len(tries.read_text()), os.environ["TOKEN"], flush=True)
+        sys.exit(0 if len(tries.read_text()) >= 2 else 3)
+        """
+    )
+    pod = {
+        "metadata": {"name": "flaky"},
+        "spec": {
+            "restartPolicy": "OnFailure",
+            "volumes": [{"name": "state", "emptyDir": {}}],
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "ignored",
+                    "command": ["python", "-c", script],
+                    "env": [
+                        {
+                            "name": "TOKEN",
+                            "valueFrom": {"secretKeyRef": {"name": "late", "key": "token"}},
+                        }
+                    ],
+                    "volumeMounts": [{"name": "state", "mountPath": "/state"}],
+                }
+            ],
+        },
+    }
+    rest.post(f"{base}/pods", pod)
+
+    def waiting_reason() -> str | None:
+        statuses = rest.get(f"{base}/pods/flaky").get("status", {}).get("containerStatuses") or [{}]
+        reason: str | None = statuses[0].get("state", {}).get("waiting", {}).get("reason")
+        return reason if reason == "CreateContainerConfigError" else None
+
+    wait_for(waiting_reason, 30, "the pod to report its missing secret")
+    rest.post(f"{base}/secrets", {"metadata": {"name": "late"}, "stringData": {"token": "t0"}})
+    done = wait_for(
+        lambda: (
+            (p := rest.get(f"{base}/pods/flaky"))["status"]["phase"] in ("Succeeded", "Failed")
+            and p
+        ),
+        30,
+        "the pod to finish",
+    )
+    assert done["status"]["phase"] == "Succeeded"
+    status = done["status"]["containerStatuses"][0]
+    assert status["restartCount"] == 1
+    assert status["lastState"]["terminated"]["exitCode"] == 3
+    assert bed.pod_log(namespace, "flaky") == "try 1 t0\ntry 2 t0\n"

@@ -119,17 +119,17 @@ def stop_group(
 ) -> None:
     """SIGTERM the process group, SIGKILL what is left after `grace` seconds, and return once the
     group is empty (or after a bounded wait past SIGKILL, which only an unkillable process
-    outlives)."""
+    outlives). Reaps `popen`, our own child, so that it does not linger as a zombie."""
     signal_group(tracked, signal.SIGTERM)
     for sig, wait in ((signal.SIGKILL, grace), (None, 5.0)):
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if popen is not None:
-                popen.poll()  # reap our own child so it does not linger as a zombie
-            if not tracked.group_alive():
-                return
+        while time.monotonic() < deadline and tracked.group_alive():
             time.sleep(0.05)
-        if sig is not None:
-            signal_group(tracked, sig)
+        if sig is None or not tracked.group_alive():
+            break
+        signal_group(tracked, sig)
     if popen is not None:
-        popen.poll()
+        try:
+            popen.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            pass  # unkillable (uninterruptible sleep); nothing more a test bed can do
