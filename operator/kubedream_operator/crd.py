@@ -93,7 +93,9 @@ def to_structural(
 
     - `$ref` is inlined, `title` dropped.
     - `anyOf: [X, {type: null}]` (an Optional field) becomes X with `nullable: true`, so an
-      explicit null is kept rather than pruned; for an enum, `null` joins the allowed values.
+      explicit null is kept rather than pruned (`keepLast: null` means keep all, unlike absent).
+      Optional enums are the exception: the API server would reject their null, so they stay
+      non-nullable and a null is pruned, which equals absent as their default is None.
     - Draft-2020 numeric `exclusiveMinimum: v` becomes OpenAPI 3.0 `minimum: v, exclusiveMinimum: true`.
     - `additionalProperties: false` next to `properties` is dropped (structural schemas forbid
       it; the apiserver prunes unknown fields and the operator reports them); a schema-valued
@@ -123,10 +125,16 @@ def to_structural(
             out[exclusive] = True
     if "type" not in out:
         raise SchemaConversionError(f"{path}: every node needs a type, got {node}")
-    if nullable:
+    if nullable and "enum" in out:
+        # The API server checks null against the enum even when nullable (and rejects a null
+        # in the list). Not nullable, a null is pruned - the same as absent - which is right
+        # exactly when the default is None.
+        if out.get("default") is not None:
+            raise SchemaConversionError(
+                f"{path}: an Optional enum needs a None default, got {out['default']!r}"
+            )
+    elif nullable:
         out["nullable"] = True
-        if "enum" in out:
-            out["enum"] = [*out["enum"], None]
 
     if "properties" in node:
         out["properties"] = {

@@ -140,7 +140,10 @@ def test_optional_fields_are_nullable_and_null_defaults_dropped(
     assert nodes["spec.training.ema"]["type"] == "object"
     assert nodes["spec.training.ema"]["nullable"] is True
     effect = nodes["spec.resources.tolerations[].effect"]
-    assert effect["enum"][-1] is None  # a nullable enum must list null to accept it
+    assert (
+        "nullable" not in effect
+    )  # the API server rejects null in an enum; pruned it means absent
+    assert None not in effect["enum"]
     assert "nullable" not in nodes["spec.data.resolution"]
 
 
@@ -179,6 +182,12 @@ def test_status_schema_keeps_kopf_state_and_lists_our_fields() -> None:
 def test_unsupported_union_is_reported() -> None:
     node = {"anyOf": [{"type": "string"}, {"type": "integer"}], "title": "X"}
     with pytest.raises(crd.SchemaConversionError, match="only Optional"):
+        crd.to_structural(node, {}, "spec.x")
+
+
+def test_optional_enum_with_a_default_is_refused() -> None:
+    node = {"anyOf": [{"enum": ["a", "b"], "type": "string"}, {"type": "null"}], "default": "a"}
+    with pytest.raises(crd.SchemaConversionError, match="Optional enum"):
         crd.to_structural(node, {}, "spec.x")
 
 

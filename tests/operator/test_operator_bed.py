@@ -262,7 +262,11 @@ def test_crd_accepts_the_examples_and_applies_defaults(jobs: Jobs) -> None:
     with_tolerations = minimal_spec(
         resources={"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": None}]}
     )
-    jobs.create("tolerant", with_tolerations, dry_run=True)  # a nullable enum takes null
+    tolerant = jobs.create("tolerant", with_tolerations, dry_run=True)
+    # An Optional enum is not nullable: the null is pruned, which means the same as absent.
+    assert tolerant["spec"]["resources"]["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists"}
+    ]
 
 
 @pytest.mark.timeout(60)
@@ -451,3 +455,83 @@ def test_a_restarted_operator_creates_no_duplicate(
     assert after["metadata"]["uid"] == before["metadata"]["uid"]
     listed = jobs.rest.get(f"/apis/batch/v1/namespaces/{jobs.ns}/jobs")["items"]
     assert sorted(j["metadata"]["name"] for j in listed) == ["again", "fresh"]
+
+
+# -- the real trainer (tiny model, local data and output: pods run as local processes) --------
+
+TRAINING_ROOT = Path(__file__).resolve().parents[2] / "examples" / "data" / "training"
+
+
+def _trainer_spec(output: Path, **training: Any) -> dict[str, Any]:
+    return minimal_spec(
+        data={"roots": [{"uri": str(TRAINING_ROOT)}], "resolution": 64, "loaderWorkers": 0},
+        training={"batchSize": 2, **training},
+        output={"uri": str(output), "progressEverySteps": 1, "saveEverySteps": 1000},
+        resources={"gpusPerNode": 0},
+        runPolicy={"backoffLimit": 0},
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_the_trainer_runs_to_succeeded_and_status_mirrors_progress(
+    jobs: Jobs, operator: Operator, tmp_path: Path
+) -> None:
+    output = tmp_path / "run"
+    jobs.create("real", _trainer_spec(output, maxSteps=4))
+    wait_for(lambda: jobs.phase("real") in ("Succeeded", "Failed"), 200, "the training to end")
+    status = jobs.status("real")
+    assert status["phase"] == "Succeeded", status.get("message")
+    assert (status["step"], status["totalSteps"]) == (4, 4)
+    assert status["lastCheckpoint"] == str(output / "checkpoints" / "step-4")
+    assert Path(status["lastCheckpoint"]).is_dir()
+    assert isinstance(status["loss"], float)
+    assert status["progress"].startswith("epoch ")
+    assert status["completionTime"] >= status["startTime"]
+    reasons = [e["reason"] for e in jobs.events("real")]
+    assert "Completed" in reasons
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_suspend_mid_training_resumes_from_the_checkpoint(
+    jobs: Jobs, operator: Operator, tmp_path: Path
+) -> None:
+    output = tmp_path / "run"
+    jobs.create("pause", _trainer_spec(output, maxSteps=12))
+    wait_for(lambda: (jobs.status("pause").get("step") or 0) >= 2, 150, "a few training steps")
+    jobs.patch_spec("pause", {"runPolicy": {"suspend": True}})
+    wait_for(
+        lambda: jobs.phase("pause") == "Suspended" and not jobs.live_pods("pause"),
+        90,
+        "the trainer to checkpoint and stop",
+    )
+    checkpoint = wait_for(
+        lambda: jobs.status("pause").get("lastCheckpoint"), 30, "the checkpoint in status"
+    )
+    stopped_at = int(checkpoint.rsplit("-", 1)[1])
+    assert 2 <= stopped_at < 12
+    jobs.patch_spec("pause", {"runPolicy": {"suspend": False}})
+    wait_for(
+        lambda: jobs.phase("pause") in ("Succeeded", "Failed"), 200, "the resumed training to end"
+    )
+    status = jobs.status("pause")
+    assert status["phase"] == "Succeeded", status.get("message")
+    assert status["step"] == 12
+    assert status["checkpoints"][0] == checkpoint  # the resumed run kept the suspend checkpoint
+    assert status["restarts"] == 0  # suspension is not a failure
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_bad_data_fails_with_the_trainers_message(
+    jobs: Jobs, operator: Operator, tmp_path: Path
+) -> None:
+    spec = _trainer_spec(tmp_path / "run", maxSteps=4)
+    spec["data"]["roots"] = [{"uri": str(tmp_path / "no-such-folder")}]
+    jobs.create("nodata", spec)
+    wait_for(lambda: jobs.phase("nodata") == "Failed", 120, "phase Failed")
+    failed = {c["type"]: c for c in jobs.status("nodata")["conditions"]}["Failed"]
+    assert failed["reason"] == "BackoffLimitExceeded"
+    assert "no-such-folder" in failed["message"]  # the trainer's own words, via progress.json
+    assert "exited with code 1" in failed["message"]
