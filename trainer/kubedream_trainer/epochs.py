@@ -37,7 +37,7 @@ def load_dataset(spec: FineTuneJobSpec) -> Dataset:
         raise JobError(
             f"spec.data.roots: no usable images in {roots}"
             + (f" ({detail})" if detail else "")
-            + f"; images must be at least the smallest bucket for resolution {spec.data.resolution}"
+            + "; add readable images (jpg, png, webp) or point the roots elsewhere"
         )
     return dataset
 

@@ -1,0 +1,182 @@
+"""Bad input and failures: a clear message naming what to fix, a non-zero exit code, phase
+Failed in progress.json, and nothing already saved damaged."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kubedream_trainer.errors import ExitCode
+
+from .conftest import committed_steps, make_root, read_json, train, write_job
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("trainer_env")]
+
+
+def _failed(output: Path) -> str:
+    progress = read_json(output / "progress.json")
+    assert progress["phase"] == "Failed"
+    assert not (output / "lease.json").exists()
+    message: str = progress["message"]
+    return message
+
+
+def test_an_invalid_spec_lists_every_field_and_writes_nothing(
+    tmp_path: Path, data_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = write_job(
+        tmp_path / "job.yaml",
+        data_root,
+        tmp_path / "out",
+        data={"roots": [{"uri": str(data_root), "multiplier": -1}]},
+        training={"batchSize": 0},
+    )
+    assert train(job) == ExitCode.INVALID_JOB
+    err = capsys.readouterr().err
+    assert "spec.data.roots[0].multiplier: must be > 0, got -1" in err
+    assert "spec.training.batchSize: must be >= 1, got 0" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("base", "expected"),
+    [
+        ("missing", "spec.model.base: model folder {base} does not exist"),
+        ("empty", "spec.model.base: {base}/model_index.json not found"),
+        ("tiny-sdxl", "spec.model.base: tiny-sdxl is not supported"),
+        ("s3://models/sd15", "s3:// model folders are not supported by the trainer yet"),
+    ],
+)
+def test_a_missing_model_folder_fails_naming_the_field(
+    tmp_path: Path, data_root: Path, base: str, expected: str
+) -> None:
+    if base == "empty":
+        (tmp_path / "empty").mkdir()
+    if base in ("missing", "empty"):
+        base = str(tmp_path / base)
+    output = tmp_path / "out"
+    assert train(write_job(tmp_path / "job.yaml", data_root, output, model={"base": base})) == 1
+    assert expected.format(base=base) in _failed(output)
+    assert committed_steps(output) == []
+
+
+@pytest.mark.parametrize("kind", ["empty", "missing", "unusable"])
+def test_a_data_root_without_usable_images_fails_naming_the_field(
+    tmp_path: Path, kind: str
+) -> None:
+    root = tmp_path / "data"
+    if kind == "empty":
+        root.mkdir()
+    elif kind == "unusable":
+        root.mkdir()
+        (root / "broken.png").write_bytes(b"not an image")
+        (root / "broken.txt").write_text("a caption for a broken image")
+        (root / "empty.jpg").write_bytes(b"")
+    output = tmp_path / "out"
+    assert train(write_job(tmp_path / "job.yaml", root, output)) == 1
+    message = _failed(output)
+    assert message.startswith("spec.data.roots: ")
+    assert str(root) in message
+    if kind == "unusable":
+        assert f"{root}/broken.png: skipped: not a readable image" in message
+
+
+def test_adamw8bit_without_bitsandbytes_says_what_to_install(
+    tmp_path: Path, data_root: Path
+) -> None:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("bitsandbytes is installed here")
+    output = tmp_path / "out"
+    assert (
+        train(
+            write_job(tmp_path / "job.yaml", data_root, output, training={"optimizer": "adamw8bit"})
+        )
+        == 1
+    )
+    assert "spec.training.optimizer: adamw8bit needs the bitsandbytes package" in _failed(output)
+
+
+def test_a_non_finite_loss_fails_without_touching_checkpoints(
+    tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    output = tmp_path / "out"
+    assert train(write_job(tmp_path / "two.yaml", data_root, output, training={"maxSteps": 2})) == 0
+    before = {
+        p: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in output.glob("checkpoints/**/*")
+        if p.is_file()
+    }
+
+    import kubedream_trainer.losses as losses
+
+    def diverged(*args: object, **kwargs: object) -> torch.Tensor:
+        return torch.tensor(float("nan"), requires_grad=True)
+
+    monkeypatch.setattr(losses, "diffusion_loss", diverged)
+    assert (
+        train(write_job(tmp_path / "four.yaml", data_root, output, training={"maxSteps": 4}))
+        == ExitCode.DIVERGED
+    )
+    assert "the loss is nan at step 3: training diverged" in _failed(output)
+    assert committed_steps(output) == [2]
+    after = {
+        p: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in output.glob("checkpoints/**/*")
+        if p.is_file()
+    }
+    assert after == before
+
+
+def test_an_output_held_by_a_live_trainer_is_refused_untouched(
+    tmp_path: Path, data_root: Path
+) -> None:
+    output = tmp_path / "out"
+    output.mkdir()
+    lease = {
+        "owner": "other",
+        "job": "x",
+        "host": "node-2",
+        "pid": 7,
+        "expiresAtUnix": time.time() + 3600,
+    }
+    (output / "lease.json").write_text(json.dumps(lease))
+    assert train(write_job(tmp_path / "job.yaml", data_root, output)) == ExitCode.OUTPUT_LOCKED
+    assert sorted(p.name for p in output.iterdir()) == ["lease.json"]
+    assert json.loads((output / "lease.json").read_text()) == lease
+
+
+def test_an_abandoned_lease_is_taken_over(
+    tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "lease.json").write_text(
+        json.dumps({"owner": "crashed", "expiresAtUnix": time.time() + 3600})
+    )
+    monkeypatch.setenv("KUBEDREAM_LEASE_TTL", "0.5")
+    monkeypatch.setenv("KUBEDREAM_LEASE_WAIT", "10")
+    assert train(write_job(tmp_path / "job.yaml", data_root, output, training={"maxSteps": 1})) == 0
+    assert committed_steps(output) == [1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_asking_for_a_gpu_that_is_not_there(
+    tmp_path: Path, data_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    from kubedream_trainer.train_cli import run
+
+    job = write_job(tmp_path / "job.yaml", data_root, tmp_path / "out")
+    assert run(argparse.Namespace(job=str(job), device="cuda")) == 1
+    assert "--device cuda: no CUDA GPU is available here" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
