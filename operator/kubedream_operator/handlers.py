@@ -35,7 +35,14 @@ import kopf
 from . import k8s
 from .metrics import Metrics
 from .progress import ProgressReader
-from .render import OperatorDefaults, Owner, frozen_changes, job_mutable_fields, render_children
+from .render import (
+    OperatorDefaults,
+    Owner,
+    frozen_changes,
+    job_mutable_fields,
+    render_children,
+    with_storage_defaults,
+)
 from .spec import GROUP, PLURAL, VERSION, FineTuneJobSpec, SpecError, parse_spec
 from .status import Observed, PhaseEvent, derive_status, finished, phase_event, status_patch
 
@@ -158,7 +165,7 @@ def reconcile(
     problems: list[str] = []
     parsed: FineTuneJobSpec | None = None
     try:
-        parsed = parse_spec(spec)
+        parsed = with_storage_defaults(parse_spec(spec), ctx.defaults)
     except SpecError as exc:
         problems = exc.problems
     job: dict[str, Any] | None = None

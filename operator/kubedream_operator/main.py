@@ -3,7 +3,9 @@
 Watches the namespaces given with `-n` (repeatable), every namespace with `-A`, or else the
 current kubeconfig context's namespace (like kubectl). Standalone unless `--peering NAME`
 names a kopf peering object, which lets several replicas elect one active operator (the
-KopfPeering CRD must be installed then).
+KopfPeering CRD and the named object must exist then). Each process takes a random peering
+priority: kopf pauses every operator that sees a peer of the same priority, so equal ones
+would all stand still; with distinct ones the highest runs and the others wait.
 
 Serves Prometheus metrics on --metrics-port and kopf's liveness probe on
 http://0.0.0.0:<--health-port>/healthz; 0 disables either.
@@ -15,6 +17,9 @@ Further settings come from the environment:
 - KUBEDREAM_TERMINATION_GRACE_SECONDS: trainer pods' grace period for a final checkpoint (600).
 - KUBEDREAM_STATUS_INTERVAL: seconds between status refreshes (10).
 - KUBEDREAM_HANDLER_RETRIES: retries of a failing handler (12, with backoff up to 5 minutes).
+- KUBEDREAM_S3_ENDPOINT, KUBEDREAM_S3_REGION, KUBEDREAM_S3_ADDRESSING_STYLE,
+  KUBEDREAM_S3_CREDENTIALS_SECRET: defaults for the `spec.storage` fields a job leaves unset
+  (endpoint, region, addressingStyle, credentialsSecret); empty or absent means no default.
 - AWS_* : the operator's own S3 credentials and endpoint for reading progress.json.
 """
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import random
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,12 +36,35 @@ from typing import Any
 import kopf
 from kubernetes import config
 from kubernetes.config.config_exception import ConfigException
+from pydantic import ValidationError
 
 from .k8s import Kube
 from .metrics import Metrics
 from .render import DEFAULT_TRAINER_IMAGE, OperatorDefaults
+from .spec import SpecError, StorageSpec
+from .spec.load import problems_from
 
 _SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+S3_ENV = {
+    "endpoint": "KUBEDREAM_S3_ENDPOINT",
+    "region": "KUBEDREAM_S3_REGION",
+    "addressingStyle": "KUBEDREAM_S3_ADDRESSING_STYLE",
+    "credentialsSecret": "KUBEDREAM_S3_CREDENTIALS_SECRET",
+}
+"""`spec.storage` field -> environment variable holding the operator's default for it."""
+
+
+def storage_defaults(env: dict[str, str]) -> StorageSpec:
+    """The S3 defaults from KUBEDREAM_S3_*; raises SpecError naming each bad variable."""
+    given = {field: env[var] for field, var in S3_ENV.items() if env.get(var)}
+    try:
+        return StorageSpec.model_validate(given)
+    except ValidationError as exc:
+        problems = [
+            S3_ENV.get(line.split(":", 1)[0], "") + ":" + line.split(":", 1)[1]
+            for line in problems_from(exc, prefix=())
+        ]
+        raise SpecError(problems, "environment") from None
 
 
 def defaults_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> OperatorDefaults:
@@ -47,6 +76,7 @@ def defaults_from(args: argparse.Namespace, env: dict[str, str] | None = None) -
         or DEFAULT_TRAINER_IMAGE,
         service_account=env.get("KUBEDREAM_TRAINER_SERVICE_ACCOUNT", "default"),
         termination_grace_seconds=int(env.get("KUBEDREAM_TERMINATION_GRACE_SECONDS", "600")),
+        storage=storage_defaults(env),
     )
 
 
@@ -87,10 +117,15 @@ def run(args: argparse.Namespace) -> int:
         print("kubedream operator: give -n NAMESPACE or -A, not both", file=sys.stderr)
         return 2
     namespaces = [] if args.all_namespaces else (args.namespace or [current_namespace()])
+    try:
+        defaults = defaults_from(args)
+    except SpecError as exc:
+        print("kubedream operator: invalid settings:", *exc.problems, sep="\n  ", file=sys.stderr)
+        return 2
     metrics = Metrics()
     if args.metrics_port:
         metrics.serve(args.metrics_port)
-    context = handlers.Context(kube=kube, defaults=defaults_from(args), metrics=metrics)
+    context = handlers.Context(kube=kube, defaults=defaults, metrics=metrics)
     kopf.on.startup()(_configure)
     logging.getLogger(__name__).info(
         "watching %s; trainer image %s",
@@ -102,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         namespaces=namespaces,
         standalone=args.peering is None,
         peering_name=args.peering,
+        priority=random.SystemRandom().randrange(1, 2**31) if args.peering else None,
         liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz"
         if args.health_port
         else None,

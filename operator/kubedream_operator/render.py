@@ -18,14 +18,22 @@ FineTuneJob, so deleting the FineTuneJob garbage-collects them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import yaml
 
 from . import contract
-from .spec import API_VERSION, KIND, FineTuneJob, FineTuneJobSpec, ResourcesSpec, to_manifest
+from .spec import (
+    API_VERSION,
+    KIND,
+    FineTuneJob,
+    FineTuneJobSpec,
+    ResourcesSpec,
+    StorageSpec,
+    to_manifest,
+)
 
 
 def _default_image() -> str:
@@ -53,6 +61,26 @@ class OperatorDefaults:
     """Time a stopping pod (suspend, preemption) gets to write its final checkpoint."""
     run_as_user: int = 1000
     """Non-root uid of the trainer process (the trainer image's user)."""
+    storage: StorageSpec = field(default_factory=StorageSpec)
+    """S3 settings for jobs whose `spec.storage` leaves them unset (only the fields set here count)."""
+
+
+def with_storage_defaults(spec: FineTuneJobSpec, defaults: OperatorDefaults) -> FineTuneJobSpec:
+    """The spec with the operator's S3 defaults filled into the `spec.storage` fields it leaves unset.
+
+    A field the job sets, even to its default value (`addressingStyle: auto`), is kept. The
+    handlers apply this before rendering, so the trainer's job.yaml, its environment and the
+    operator's progress reads all see the same storage settings.
+    """
+    given = spec.storage.model_fields_set
+    fill = {
+        name: getattr(defaults.storage, name)
+        for name in defaults.storage.model_fields_set
+        if name not in given
+    }
+    if not fill:
+        return spec
+    return spec.model_copy(update={"storage": spec.storage.model_copy(update=fill)})
 
 
 @dataclass(frozen=True)
