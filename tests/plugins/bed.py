@@ -38,6 +38,7 @@ T = TypeVar("T")
 _namespace_key = pytest.StashKey[str]()
 _binaries_key = pytest.StashKey[Binaries | BuildError]()
 _started_key = pytest.StashKey[BedInfo]()
+_startup_key = pytest.StashKey[list[str]]()
 
 
 def wait_for(check: Callable[[], T | None], timeout: float, what: str, interval: float = 0.2) -> T:
@@ -96,6 +97,7 @@ def bed(
         pytest.fail(f"the test bed's binaries could not be built: {built}")
     binaries = built if built is not None else ensure_binaries()
     lines: list[str] = []
+    request.session.stash[_startup_key] = lines
     running = Bed(tmp_path_factory.mktemp("bed"), out=lines.append)
     try:
         info = running.up(binaries)
@@ -147,6 +149,9 @@ def pytest_runtest_makereport(
     report = yield
     info = item.session.stash.get(_started_key, None)
     if report.failed and info is not None and BED_FIXTURES & set(getattr(item, "fixturenames", ())):
+        report.sections.append(
+            ("test bed: startup", "\n".join(item.session.stash.get(_startup_key, [])))
+        )
         for component in COMPONENTS:
             text = tail(info.component_log(component), LOG_TAIL_LINES)
             report.sections.append(

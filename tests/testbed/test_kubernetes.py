@@ -91,7 +91,7 @@ def _finished(rest: KubeRest, job_path: str) -> dict[str, Any] | None:
 def _condition(obj: dict[str, Any], kind: str) -> bool:
     return any(
         c["type"] == kind and c["status"] == "True"
-        for c in obj.get("status", {}).get("conditions", [])
+        for c in (obj.get("status") or {}).get("conditions") or []
     )
 
 
@@ -374,7 +374,9 @@ def test_a_pod_waits_for_a_missing_secret_then_restarts_on_failure(
     rest.post(f"{base}/pods", pod)
 
     def waiting_reason() -> str | None:
-        statuses = rest.get(f"{base}/pods/flaky").get("status", {}).get("containerStatuses") or [{}]
+        statuses = (rest.get(f"{base}/pods/flaky").get("status") or {}).get(
+            "containerStatuses"
+        ) or [{}]
         reason: str | None = statuses[0].get("state", {}).get("waiting", {}).get("reason")
         return reason if reason == "CreateContainerConfigError" else None
 
