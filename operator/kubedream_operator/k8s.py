@@ -47,7 +47,11 @@ _PERMANENT_STATUSES = {400, 422}
 
 
 class ApiTemporaryError(kopf.TemporaryError):
-    """An API call failed for a reason that may pass; retry later."""
+    """An API call failed for a reason that may pass; retry later. `status`: the HTTP status (0: none)."""
+
+    def __init__(self, message: str, delay: float = 5, status: int = 0) -> None:
+        super().__init__(message, delay=delay)
+        self.status = status
 
 
 class ApiPermanentError(kopf.PermanentError):
@@ -130,7 +134,7 @@ class Kube:
         text = f"{label}: HTTP {status}: {message}".rstrip(": ")
         if status in _PERMANENT_STATUSES:
             return ApiPermanentError(text)
-        return ApiTemporaryError(text, delay=30 if status == 403 else 5)
+        return ApiTemporaryError(text, delay=30 if status == 403 else 5, status=status)
 
     # -- children ----------------------------------------------------------------------
 
@@ -175,7 +179,7 @@ class Kube:
                 what=f"create {obj['kind']} {name}",
             )
         except ApiTemporaryError as exc:
-            if "HTTP 409" not in str(exc):
+            if exc.status != 409:
                 raise
             created = None  # someone (an earlier run of this handler) created it meanwhile
         if created is None:

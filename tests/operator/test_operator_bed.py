@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,12 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
     return port
+
+
+def _http(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text: str = response.read().decode()
+    return text
 
 
 def _get_or_none(rest: KubeRest, path: str) -> dict[str, Any] | None:
@@ -162,6 +169,8 @@ class Operator:
     def __init__(self, bed: BedInfo, namespace: str, log: Path) -> None:
         self.bed, self.namespace, self.log = bed, namespace, log
         self.process: subprocess.Popen[bytes] | None = None
+        self.metrics_port = _free_port()
+        self.health_port = _free_port()
 
     def start(self) -> None:
         env = {
@@ -178,9 +187,9 @@ class Operator:
                     "-n",
                     self.namespace,
                     "--metrics-port",
-                    str(_free_port()),
+                    str(self.metrics_port),
                     "--health-port",
-                    str(_free_port()),
+                    str(self.health_port),
                     "--trainer-image",
                     "kubedream-trainer:bed",
                 ],
@@ -336,6 +345,15 @@ def test_a_finetunejob_becomes_a_job_with_the_right_pods(
     assert status["worldSize"] == 1
     created = {c["type"]: c for c in status["conditions"]}["Created"]
     assert created["status"] == "True"
+    # No Secret "s3": the pod waits, and the status says why.
+    wait_for(
+        lambda: 'secret "s3" not found' in jobs.status("tiny").get("message", ""), 30, "the reason"
+    )
+
+    metrics = _http(f"http://127.0.0.1:{operator.metrics_port}/metrics")
+    assert 'kubedream_finetunejobs{phase="Pending"} 1.0' in metrics
+    assert 'kubedream_reconcile_duration_seconds_count{handler="create"}' in metrics
+    assert _http(f"http://127.0.0.1:{operator.health_port}/healthz")  # kopf's liveness probe
 
 
 @pytest.mark.timeout(90)
