@@ -1,14 +1,17 @@
 """The storage interface: one API over a local folder and an S3 prefix.
 
 Everything that touches data roots, base models or outputs goes through a `Storage`
-(the data scanner, the loader, checkpoints, progress, samples), so no S3 logic is
-scattered through the trainer. `open_storage(uri)` picks the implementation.
+(the data scanner, the loader, checkpoints, progress, samples, the model cache), so no S3
+logic is scattered through the trainer. `open_storage(uri)` picks the implementation.
+Failures surface as `StorageError` (the world's hiccup, after retries) or its subclass
+`StorageAccessError` (the user's mistake: wrong credentials, a missing bucket or prefix).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +28,11 @@ class ObjectInfo:
 
 class StorageError(RuntimeError):
     """A storage operation failed for good (after retries); the message names the URI."""
+
+
+class StorageAccessError(StorageError):
+    """The storage cannot be used as configured: wrong credentials, access denied, a missing
+    bucket, prefix or object. Retrying does not help; the message says what to fix."""
 
 
 class Storage(ABC):
@@ -61,8 +69,35 @@ class Storage(ABC):
         """Whether the object exists."""
 
     @abstractmethod
+    def stat(self, key: str) -> ObjectInfo:
+        """Size and fingerprint of one object. Raises FileNotFoundError when it does not exist."""
+
+    @abstractmethod
+    def check_access(self, require: str | None = None) -> None:
+        """Fail fast (StorageAccessError naming what to fix) when this root cannot be read:
+        wrong credentials or a missing bucket; with `require`, also when nothing exists at
+        that key or under that prefix ("" for the root itself)."""
+
+    @abstractmethod
     def delete_prefix(self, prefix: str) -> None:
         """Delete every object under `prefix` (a checkpoint folder, say)."""
+
+    def upload_files(self, items: Sequence[tuple[Path, str]], workers: int = 4) -> None:
+        """`upload_file` for each (local path, key), `workers` at a time. On the first failure
+        the uploads not yet started are cancelled and that failure is raised once the running
+        ones have ended, so nothing is left uploading behind the caller's back."""
+        if workers <= 1 or len(items) <= 1:
+            for path, key in items:
+                self.upload_file(path, key)
+            return
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kd-upload") as pool:
+            futures = [pool.submit(self.upload_file, path, key) for path, key in items]
+            _, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            for future in pending:
+                future.cancel()
+        for future in futures:  # every future is done or cancelled once the pool has shut down
+            if not future.cancelled() and future.exception() is not None:
+                future.result()  # raises the first failure in submission order
 
     def child(self, prefix: str) -> Storage:
         """A Storage rooted at `prefix` below this one."""
@@ -89,13 +124,18 @@ def join_uri(uri: str, *parts: str) -> str:
     return out
 
 
+def is_s3_uri(uri: str) -> bool:
+    """Whether `uri` names an S3 location (s3://bucket[/prefix])."""
+    return uri.startswith("s3://")
+
+
 def open_storage(uri: str, settings: object | None = None) -> Storage:
     """A Storage for a local path or s3://bucket/prefix.
 
     `settings` is the job's `spec.storage` (StorageSpec) for S3 roots; None uses the
     standard AWS environment and credential chain.
     """
-    if uri.startswith("s3://"):
+    if is_s3_uri(uri):
         from .s3 import S3Storage
 
         return S3Storage(uri, settings)

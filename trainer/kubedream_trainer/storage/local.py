@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .base import ObjectInfo, Storage
+from .base import ObjectInfo, Storage, StorageAccessError
 
 
 class LocalStorage(Storage):
@@ -27,8 +27,7 @@ class LocalStorage(Storage):
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         base = self._path(prefix)
         if base.is_file():
-            st = base.stat()
-            yield ObjectInfo(prefix, st.st_size, f"{st.st_size}-{st.st_mtime_ns}")
+            yield self.stat(prefix)
             return
         if not base.is_dir():
             return
@@ -92,6 +91,14 @@ class LocalStorage(Storage):
 
     def exists(self, key: str) -> bool:
         return self._path(key).exists()
+
+    def stat(self, key: str) -> ObjectInfo:
+        st = self._path(key).stat()  # FileNotFoundError when missing
+        return ObjectInfo(key, st.st_size, f"{st.st_size}-{st.st_mtime_ns}")
+
+    def check_access(self, require: str | None = None) -> None:
+        if require is not None and not self._path(require).exists():
+            raise StorageAccessError(f"{self._path(require)} does not exist")
 
     def delete_prefix(self, prefix: str) -> None:
         path = self._path(prefix)
