@@ -38,5 +38,14 @@ unit: install
 test: install testbed-bins lint typecheck
 	$(PY) -m pytest
 
+# The chart's CRD template (from `kubedream crd`) and manifests/ (the chart rendered with its
+# defaults). Needs helm: the test bed's (`make testbed-bins`), $$HELM or helm on PATH.
+manifests: install
+	$(PY) scripts/render-manifests.py
+
+# Fails when the generated files differ from what their sources give (tests/chart checks it too).
+check-manifests: install
+	$(PY) scripts/render-manifests.py --check
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
