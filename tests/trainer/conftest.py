@@ -104,11 +104,15 @@ def write_job(
     return path
 
 
-def train(job: Path) -> int:
-    """`kubedream train JOB --device cpu`, in this process."""
+def train(job: Path, device: str = "cpu") -> int:
+    """`kubedream train JOB --device cpu`, in this process. accelerate keeps its state in a
+    process-wide singleton that one real run never changes; reset it between runs here."""
+    from accelerate.state import AcceleratorState
+
     from kubedream_trainer.train_cli import run
 
-    return run(argparse.Namespace(job=str(job), device="cpu"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return run(argparse.Namespace(job=str(job), device=device))
 
 
 def read_json(path: Path) -> Any:

@@ -13,7 +13,7 @@ import torch
 
 from kubedream_trainer.errors import ExitCode
 
-from .conftest import committed_steps, make_root, read_json, train, write_job
+from .conftest import committed_steps, read_json, train, write_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("trainer_env")]
 
@@ -172,11 +172,7 @@ def test_an_abandoned_lease_is_taken_over(
 def test_asking_for_a_gpu_that_is_not_there(
     tmp_path: Path, data_root: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import argparse
-
-    from kubedream_trainer.train_cli import run
-
     job = write_job(tmp_path / "job.yaml", data_root, tmp_path / "out")
-    assert run(argparse.Namespace(job=str(job), device="cuda")) == 1
+    assert train(job, device="cuda") == 1
     assert "--device cuda: no CUDA GPU is available here" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -16,6 +16,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from kubedream_trainer.errors import ExitCode
+
 from .conftest import committed_steps, read_json, train, write_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("trainer_env")]
@@ -107,7 +109,7 @@ def test_stop_at_3_then_resume_to_6_is_bit_identical_to_6_straight(
     _assert_same_checkpoint(tmp_path / "a/checkpoints/step-6", tmp_path / "b/checkpoints/step-6")
 
 
-def test_sigterm_commits_a_checkpoint_exits_143_and_resumes(
+def test_sigterm_commits_a_checkpoint_exits_143_and_a_second_trainer_is_kept_out(
     tmp_path: Path, data_root: Path, trainer_env: dict[str, str]
 ) -> None:
     output = tmp_path / "out"
@@ -127,6 +129,11 @@ def test_sigterm_commits_a_checkpoint_exits_143_and_resumes(
                 break
             time.sleep(0.2)
         assert process.poll() is None, (tmp_path / "stderr").read_text()
+        # A second trainer on the same output is turned away without writing anything.
+        holder = read_json(output / "lease.json")["owner"]
+        assert train(job) == ExitCode.OUTPUT_LOCKED
+        assert read_json(output / "lease.json")["owner"] == holder
+        assert read_json(output / "progress.json")["phase"] != "Failed"
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=120)
     finally:

@@ -115,6 +115,8 @@ class Progress:
         self.record.update(fields, phase=phase.value, message=message)
         if phase is Phase.TRAINING:
             self._window_images, self._window_start = 0, time.monotonic()
+            if self.enabled and self.tty and self._bar is None:
+                self._open_bar(self.record["step"])
         if phase in (Phase.SUCCEEDED, Phase.FAILED, Phase.INTERRUPTED):
             self._close_bar()
         self.write()
@@ -163,18 +165,20 @@ class Progress:
         self.output.write_text(PROGRESS_KEY, json.dumps(self.record, indent=2) + "\n")
 
     def _advance_bar(self, step: int, loss: float) -> None:
-        if self._bar is None:
-            self._bar = tqdm(
-                total=self.record["totalSteps"],
-                initial=step - 1,
-                file=self.stderr,
-                unit="step",
-                dynamic_ncols=True,
-            )
-        self._bar.update(step - self._bar.n)
-        self._bar.set_postfix(
-            loss=f"{loss:.4f}", epoch=f"{self.record['epoch']}/{self.record['totalEpochs']}"
+        bar = self._bar or self._open_bar(step - 1)
+        epoch = f"{self.record['epoch']}/{self.record['totalEpochs']}"
+        bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch, refresh=False)
+        bar.update(step - bar.n)
+
+    def _open_bar(self, initial: int) -> tqdm[Any]:
+        self._bar = tqdm(
+            total=self.record["totalSteps"],
+            initial=initial,
+            file=self.stderr,
+            unit="step",
+            dynamic_ncols=True,
         )
+        return self._bar
 
     def _close_bar(self) -> None:
         if self._bar is not None:
