@@ -64,6 +64,22 @@ def _etcd_healthy(body: bytes) -> bool:
         return False
 
 
+def _controllers_running(state: BedState, pki: Pki) -> bool:
+    """The controller-manager answers /healthz before its controllers run (and exits if the API
+    server goes away while it builds them). Healthy once the serviceaccount and root-CA
+    publisher controllers have done their work in `default`."""
+    admin = tls_context(pki, client_cert=True)
+    namespace = f"{state.apiserver_url}/api/v1/namespaces/default"
+    return (
+        http_ok(
+            f"https://127.0.0.1:{state.ports.controller_manager}/healthz",
+            tls_context(pki, client_cert=False),
+        )
+        and http_ok(f"{namespace}/serviceaccounts/default", admin)
+        and http_ok(f"{namespace}/configmaps/kube-root-ca.crt", admin)
+    )
+
+
 def components(layout: Layout, state: BedState, binaries: Binaries, pki: Pki) -> list[Component]:
     """The bed's processes in start order (see layout.COMPONENTS)."""
     p = state.ports
@@ -119,7 +135,7 @@ def components(layout: Layout, state: BedState, binaries: Binaries, pki: Pki) ->
             "--use-service-account-credentials=true", "--leader-elect=false",
             "--cluster-name=kubedream-dev", "--profiling=false",
         ],
-        lambda: http_ok(f"https://127.0.0.1:{p.controller_manager}/healthz", tls_context(pki, client_cert=False)),
+        lambda: _controllers_running(state, pki),
         timeout=90,
     )  # fmt: skip
     minio = Component(
