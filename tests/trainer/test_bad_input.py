@@ -49,7 +49,6 @@ def test_an_invalid_spec_lists_every_field_and_writes_nothing(
         ("missing", "spec.model.base: model folder {base} does not exist"),
         ("empty", "spec.model.base: {base}/model_index.json not found"),
         ("tiny-sdxl", "spec.model.base: tiny-sdxl is not supported"),
-        ("s3://models/sd15", "s3:// model folders are not supported by the trainer yet"),
     ],
 )
 def test_a_missing_model_folder_fails_naming_the_field(

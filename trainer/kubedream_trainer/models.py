@@ -96,11 +96,10 @@ def resolve_model_dir(
 
 
 def _fetch_remote_model(uri: str, storage_settings: object | None) -> Path:
-    """Download an s3:// model folder to a local cache (filled in with the S3 work)."""
-    raise JobError(
-        f"spec.model.base: {uri}: s3:// model folders are not supported by the trainer yet; "
-        "copy the folder to local disk and set spec.model.base to its path"
-    )
+    """Download an s3:// model folder to the local model cache (see `model_cache`)."""
+    from .model_cache import fetch_model
+
+    return fetch_model(uri, storage_settings)
 
 
 def detect_family(model_dir: Path) -> Family:
