@@ -58,6 +58,11 @@ _OVERLAYS: dict[str, dict[str, Any]] = {
     "output.formats": {"x-kubernetes-list-type": "set"},
 }
 
+# Fields the operator fills from its own settings when a job leaves them unset
+# (render.with_storage_defaults). A schema default would make the API server set them on every
+# stored object, so the operator could never tell "unset" from "set to the default".
+_OPERATOR_DEFAULTED = ("storage.addressingStyle",)
+
 # Pods are named <job>-<index>-<5 chars>; the apiserver enforces the same limit as parse_manifest.
 _ROOT_VALIDATIONS = [
     {
@@ -160,12 +165,26 @@ def _at(schema: dict[str, Any], path: str) -> dict[str, Any]:
     return node
 
 
+def source_default(path: str) -> Any:
+    """The model's default of the spec field at `path` (camelCase, dot-separated)."""
+    model: Any = FineTuneJobSpec
+    for part in path.split("."):
+        name = next(n for n, f in model.model_fields.items() if (f.alias or n) == part)
+        info = model.model_fields[name]
+        model = info.annotation
+    return info.get_default(call_default_factory=True)
+
+
 def spec_schema() -> dict[str, Any]:
     """The structural schema of `spec`, generated from FineTuneJobSpec, with the overlays applied."""
     source = FineTuneJobSpec.model_json_schema(by_alias=True)
     schema = to_structural(source, source.get("$defs", {}))
     for path, extra in _OVERLAYS.items():
         _at(schema, path).update(copy.deepcopy(extra))
+    for path in _OPERATOR_DEFAULTED:
+        node = _at(schema, path)
+        node.pop("default", None)
+        node["description"] += f" Absent: the operator's default, else {source_default(path)!r}."
     return schema
 
 

@@ -147,6 +147,13 @@ def test_optional_fields_are_nullable_and_null_defaults_dropped(
     assert "nullable" not in nodes["spec.data.resolution"]
 
 
+def test_operator_defaulted_fields_have_no_schema_default(spec_schema: dict[str, Any]) -> None:
+    """The API server would store a schema default, and the operator's default could never apply."""
+    style = dict(_walk(spec_schema))["spec.storage.addressingStyle"]
+    assert "default" not in style
+    assert style["description"].endswith("Absent: the operator's default, else 'auto'.")
+
+
 def test_cel_rule_for_training_length(spec_schema: dict[str, Any]) -> None:
     [rule] = spec_schema["properties"]["training"]["x-kubernetes-validations"]
     assert rule["rule"] == "has(self.epochs) || has(self.maxSteps)"

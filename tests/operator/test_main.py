@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from kubedream_operator.main import defaults_from
+import pytest
+
+from kubedream_operator.main import defaults_from, storage_defaults
 from kubedream_operator.render import DEFAULT_TRAINER_IMAGE
+from kubedream_operator.spec import SpecError
 
 
 def test_flag_beats_environment_beats_default() -> None:
@@ -25,3 +28,19 @@ def test_service_account_and_grace_period_from_environment() -> None:
         },
     )
     assert (defaults.service_account, defaults.termination_grace_seconds) == ("trainer", 900)
+
+
+def test_s3_defaults_from_environment() -> None:
+    storage = storage_defaults(
+        {
+            "KUBEDREAM_S3_ENDPOINT": "http://minio:9000",
+            "KUBEDREAM_S3_REGION": "",
+            "KUBEDREAM_S3_ADDRESSING_STYLE": "path",
+        }
+    )
+    assert storage.model_fields_set == {"endpoint", "addressing_style"}  # empty means no default
+    with pytest.raises(SpecError) as bad:
+        storage_defaults({"KUBEDREAM_S3_ENDPOINT": "minio:9000"})
+    assert bad.value.problems[0].startswith(
+        "KUBEDREAM_S3_ENDPOINT: must be an http:// or https:// URL"
+    )

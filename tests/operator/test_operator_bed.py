@@ -268,6 +268,7 @@ def test_crd_accepts_the_examples_and_applies_defaults(jobs: Jobs) -> None:
     assert spec["data"]["resolution"] == 512  # defaults from the model
     assert spec["training"]["optimizer"] == "adamw"
     assert spec["output"]["keepLast"] is None  # an explicit null (keep all) survives
+    assert "addressingStyle" not in spec.get("storage", {})  # left for the operator's default
     with_tolerations = minimal_spec(
         resources={"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": None}]}
     )

@@ -22,9 +22,10 @@ from kubedream_operator.render import (
     job_mutable_fields,
     render_children,
     trainer_command,
+    with_storage_defaults,
 )
 from kubedream_operator.render_cli import to_yaml_stream
-from kubedream_operator.spec import FineTuneJobSpec, load_job, parse_spec
+from kubedream_operator.spec import FineTuneJobSpec, StorageSpec, load_job, parse_spec
 from kubedream_trainer.cli import main
 
 from .helpers import EXAMPLES, minimal_spec
@@ -293,3 +294,20 @@ def test_kubedream_render_rejects_an_invalid_job(
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "spec.training: set epochs or maxSteps (or both)" in captured.err
+
+
+def test_operator_storage_defaults_fill_only_unset_fields() -> None:
+    defaults = OperatorDefaults(
+        storage=StorageSpec(
+            endpoint="http://minio:9000", addressingStyle="path", credentialsSecret="s3"
+        )
+    )
+    # As the API server stores it: the CRD sets no default for addressingStyle.
+    spec = parse_spec(minimal_spec(storage={"credentialsSecret": "mine"}))
+    filled = with_storage_defaults(spec, defaults)
+    assert filled.storage.endpoint == "http://minio:9000"
+    assert filled.storage.addressing_style == "path"
+    assert filled.storage.credentials_secret == "mine"  # the job's own choice wins
+    explicit = parse_spec(minimal_spec(storage={"addressingStyle": "auto"}))
+    assert with_storage_defaults(explicit, defaults).storage.addressing_style == "auto"
+    assert with_storage_defaults(spec, OperatorDefaults()) is spec
