@@ -33,6 +33,7 @@ from .epochs import (
     plan_fingerprint,
 )
 from .models import load_components, resolve_model_dir
+from .preflight import check_inputs
 from .progress import Phase
 from .samples import sample_round
 from .session import Session
@@ -54,6 +55,8 @@ def train(session: Session, stop: StopRequest) -> Outcome:
     spec, progress, store = session.job.spec, session.progress, session.store
     training = spec.training
 
+    progress.phase(Phase.STARTING, "checking the data roots and the base model")
+    check_inputs(spec)
     progress.phase(Phase.STARTING, "scanning the data roots")
     dataset = load_dataset(spec)
     schedule = build_schedule(dataset, spec, session.world_size, session.rank)

@@ -18,6 +18,7 @@ from kubedream_operator.spec import SpecError, load_job
 
 from .config import TrainerEnv
 from .errors import ExitCode, OutputError, TrainerError
+from .preflight import check_output
 from .progress import Phase, Progress
 from .signals import StopRequest
 from .storage import StorageError
@@ -67,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
     stop = StopRequest()
     try:
+        check_output(job.spec)
         with (
             stop.installed(),
             open_session(job, getattr(args, "device", None), TrainerEnv.from_environ()) as session,

@@ -21,7 +21,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from boto3.exceptions import Boto3Error, RetriesExceededError, S3UploadFailedError
@@ -36,6 +36,9 @@ from botocore.exceptions import (
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+DEFAULT_BUDGET_S = 120.0
+"""Seconds one operation is retried for when KUBEDREAM_S3_RETRY_BUDGET is not set."""
 
 TRANSIENT_CODES = frozenset(
     {
@@ -81,7 +84,9 @@ def is_transient(exc: BaseException) -> bool:
 class RetryPolicy:
     """Exponential backoff with jitter, bounded by a total time budget."""
 
-    budget_s: float = _env_seconds("KUBEDREAM_S3_RETRY_BUDGET", 120.0)
+    budget_s: float = field(
+        default_factory=lambda: _env_seconds("KUBEDREAM_S3_RETRY_BUDGET", DEFAULT_BUDGET_S)
+    )
     """Seconds to keep retrying one operation (KUBEDREAM_S3_RETRY_BUDGET); 0 disables."""
     first_delay_s: float = 1.0
     """Delay before the first outer retry (doubled each time, up to `max_delay_s`)."""

@@ -38,8 +38,18 @@ from .retry import RetryPolicy, is_transient
 
 T = TypeVar("T")
 
-MAX_ATTEMPTS = int(os.environ.get("KUBEDREAM_S3_MAX_ATTEMPTS", "5"))
-"""Total tries per request inside boto3 (standard mode); the outer `RetryPolicy` repeats these."""
+MAX_ATTEMPTS = 5
+"""Total tries per request inside boto3 (standard mode) unless KUBEDREAM_S3_MAX_ATTEMPTS says
+otherwise; the outer `RetryPolicy` repeats these."""
+
+
+def max_attempts() -> int:
+    """boto3's attempts per request: KUBEDREAM_S3_MAX_ATTEMPTS, else `MAX_ATTEMPTS`."""
+    try:
+        return max(1, int(os.environ.get("KUBEDREAM_S3_MAX_ATTEMPTS", MAX_ATTEMPTS)))
+    except ValueError:
+        return MAX_ATTEMPTS
+
 
 TRANSFER = TransferConfig(
     multipart_threshold=64 * 1024 * 1024,
@@ -70,7 +80,7 @@ def split_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
-def make_client(settings: Any | None = None, max_attempts: int = MAX_ATTEMPTS) -> Any:
+def make_client(settings: Any | None = None, attempts: int | None = None) -> Any:
     """A boto3 S3 client from `spec.storage` (endpoint, region, addressingStyle) or the environment."""
     endpoint = (
         getattr(settings, "endpoint", None)
@@ -88,7 +98,7 @@ def make_client(settings: Any | None = None, max_attempts: int = MAX_ATTEMPTS) -
         style = "path"
     config = Config(
         region_name=region,
-        retries={"mode": "standard", "total_max_attempts": max(1, max_attempts)},
+        retries={"mode": "standard", "total_max_attempts": attempts or max_attempts()},
         s3={"addressing_style": style},
         connect_timeout=10,
         read_timeout=60,
@@ -210,7 +220,7 @@ class S3Storage(Storage):
         waited = getattr(exc, "kd_waited_s", None)
         gave_up = (
             f" (gave up after {attempts} tries over {waited:.0f}s, each with up to "
-            f"{MAX_ATTEMPTS} boto3 attempts)"
+            f"{max_attempts()} boto3 attempts)"
             if attempts is not None and waited is not None
             else ""
         )
