@@ -26,7 +26,7 @@ testbed-bins:
 lint: install
 	$(VENV)/bin/ruff check operator trainer tests bench scripts
 	$(VENV)/bin/ruff format --check operator trainer tests bench scripts
-	cd operator && ../$(VENV)/bin/lint-imports --config ../pyproject.toml
+	$(VENV)/bin/lint-imports --config pyproject.toml
 
 typecheck: install
 	$(VENV)/bin/mypy

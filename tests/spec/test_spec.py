@@ -144,8 +144,8 @@ def test_round_trip_through_manifest_keeps_camel_case() -> None:
         ),
         ("spec.runPolicy.backoffLimit", -1, "spec.runPolicy.backoffLimit: must be >= 0, got -1"),
         ("spec.samples.steps", 0, "spec.samples.steps: must be >= 1, got 0"),
-        ("metadata.name", "Bob_Smith", "metadata.name: must be lowercase letters"),
-        ("metadata.name", "x" * 60, "metadata.name: must be lowercase letters"),
+        ("metadata.name", "Bob_Smith", "metadata.name: must start with a lowercase letter"),
+        ("metadata.name", "x" * 60, "metadata.name: must start with a lowercase letter"),
         ("apiVersion", "kubedream.io/v1", "apiVersion: must be 'kubedream.io/v1alpha1'"),
         ("kind", "Job", "kind: must be 'FineTuneJob'"),
         ("spec", "nope", "spec: must be a mapping"),
@@ -198,3 +198,18 @@ def test_load_job_picks_the_finetunejob_from_a_stream(tmp_path: Path) -> None:
     secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3"}}
     stream.write_text(yaml.safe_dump_all([secret, VALID]))
     assert load_job(stream).name == "bob"
+
+
+def test_name_must_start_with_a_letter() -> None:
+    assert any(
+        p.startswith("metadata.name:") for p in problems(with_change("metadata.name", "1job"))
+    )
+
+
+def test_explicit_nulls_survive_the_manifest_round_trip() -> None:
+    doc = with_change("spec.output.keepLast", None)
+    doc["spec"]["training"]["maxGradNorm"] = None
+    manifest = to_manifest(parse_manifest(doc))
+    again = parse_manifest(manifest).spec
+    assert again.output.keep_last is None
+    assert again.training.max_grad_norm is None

@@ -20,7 +20,8 @@ from .model import API_VERSION, KIND, FineTuneJobSpec
 
 # A Job's pods are named <job>-<index>-<5 random chars>; keep room for that under 63.
 MAX_NAME_LENGTH = 52
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# Must start with a letter: the name is also the headless Service name of multi-node jobs.
+_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
 class SpecError(ValueError):
@@ -133,7 +134,7 @@ def parse_manifest(manifest: Any, source: str = "FineTuneJob") -> FineTuneJob:
         name = ""
     elif not _DNS_LABEL.match(name) or len(name) > MAX_NAME_LENGTH:
         problems.append(
-            f"metadata.name: must be lowercase letters, digits and '-', at most {MAX_NAME_LENGTH} characters, got {name!r}"
+            f"metadata.name: must start with a lowercase letter and hold only lowercase letters, digits and '-', at most {MAX_NAME_LENGTH} characters, got {name!r}"
         )
     spec = None
     if "spec" not in manifest:
@@ -182,5 +183,5 @@ def to_manifest(job: FineTuneJob) -> dict[str, Any]:
         "apiVersion": API_VERSION,
         "kind": KIND,
         "metadata": metadata,
-        "spec": job.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+        "spec": job.spec.model_dump(mode="json", by_alias=True),
     }

@@ -141,7 +141,7 @@ class TrainingSpec(_Model):
     weight_decay: float = Field(default=0.01, ge=0)
     """Decoupled weight decay."""
     max_grad_norm: float | None = Field(default=1.0, gt=0)
-    """Gradient clipping norm; absent disables clipping."""
+    """Gradient clipping norm; null disables clipping."""
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     """Autocast precision. `auto`: bf16 on GPUs that support it, fp32 on CPU."""
     gradient_checkpointing: bool = False
@@ -185,7 +185,7 @@ class OutputSpec(_Model):
     save_every_steps: int | None = Field(default=None, ge=1)
     """Save a checkpoint every N optimizer steps."""
     keep_last: int | None = Field(default=3, ge=1)
-    """Keep this many newest committed checkpoints; absent keeps all."""
+    """Keep this many newest committed checkpoints; null keeps all."""
     formats: list[OutputFormat] = Field(default_factory=_all_formats, min_length=1)
     """Checkpoint formats: a diffusers folder and/or one single-file safetensors."""
     progress_every_steps: int = Field(default=10, ge=1)
@@ -298,7 +298,7 @@ class RunPolicySpec(_Model):
     """How the Kubernetes Job behaves."""
 
     backoff_limit: int = Field(default=3, ge=0, le=100)
-    """Failed pods (not counting disruptions such as preemption) before the job fails."""
+    """Restarts of the whole trainer group after a failure (disruptions such as preemption do not count) before the job fails."""
     active_deadline_seconds: int | None = Field(default=None, ge=1)
     """Wall-clock limit for the whole job."""
     ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
