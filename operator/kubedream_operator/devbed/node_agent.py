@@ -17,10 +17,8 @@ other API call, so nothing needs a lock.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import logging
 import os
-import platform
 import queue
 import signal
 import sys
@@ -36,45 +34,21 @@ from urllib3.exceptions import HTTPError
 
 from . import procs
 from .layout import Layout
-from .pod_runner import TERMINAL, PodRun, RunContext
+from .node import Node, node_resources
+from .pod_runner import PodRun, RunContext
+from .pod_status import TERMINAL
 from .podspec import Lookups, Obj
 from .rest import KubeRest
 
 log = logging.getLogger("kubedream.node_agent")
 
-GPU_RESOURCE = "nvidia.com/gpu"
-GPUS = "8"
-LEASE_SECONDS = 40
 RENEW_SECONDS = 10.0
 STATUS_SECONDS = 30.0
 RESYNC_SECONDS = 30.0
 TICK_SECONDS = 0.2
 WATCH_SECONDS = 240
-VERSION = "v0.1.0-kubedream-node-agent"
 # Transient trouble talking to the API server: retry, never crash the agent.
 API_ERRORS = (ApiException, HTTPError, OSError)
-
-
-def _now_micro() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _memory_kib() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1])
-    return 0
-
-
-def node_resources() -> dict[str, str]:
-    """What the node offers: the host's cores and memory, 110 pods, and 8 pretend GPUs."""
-    return {
-        "cpu": str(os.cpu_count() or 1),
-        "memory": f"{_memory_kib()}Ki",
-        "pods": "110",
-        "ephemeral-storage": "100Gi",
-        GPU_RESOURCE: GPUS,
-    }
 
 
 class NodeAgent:
@@ -83,7 +57,7 @@ class NodeAgent:
     def __init__(self, api: ApiClient, layout: Layout, node_name: str) -> None:
         self.kube = KubeRest(api)
         self.layout = layout
-        self.node = node_name
+        self.node = Node(self.kube, node_name)
         self.events: queue.Queue[tuple[str, Obj]] = queue.Queue()
         self.runs: dict[str, PodRun] = {}
         self.pushed: dict[str, int] = {}
@@ -92,8 +66,6 @@ class NodeAgent:
         self.finalized: set[str] = set()
         self.stopping = threading.Event()
         self.synced = threading.Event()
-        self.node_uid = ""
-        self.reported = False
         host = api.configuration.host.split("://", 1)[-1]
         port = host.rsplit(":", 1)[-1] if ":" in host else "443"
         bin_dir = str(Path(sys.executable).parent)
@@ -150,79 +122,6 @@ class NodeAgent:
 
     # --- node and lease ----------------------------------------------------------------------
 
-    def register(self) -> None:
-        """Create the Node if needed, then report it Ready."""
-        labels = {
-            "kubernetes.io/hostname": self.node,
-            "kubernetes.io/os": "linux",
-            "kubernetes.io/arch": "amd64",
-            "kubedream.dev/node-agent": "true",
-            "nvidia.com/gpu.present": "true",
-        }
-        body = {
-            "apiVersion": "v1",
-            "kind": "Node",
-            "metadata": {"name": self.node, "labels": labels},
-        }
-        try:
-            self.kube.post("/api/v1/nodes", body)
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-        node = self.kube.get(f"/api/v1/nodes/{self.node}")
-        self.node_uid = node["metadata"]["uid"]
-        self.report_node()
-        self.renew_lease()
-
-    def report_node(self) -> None:
-        now = _now_micro()[:19] + "Z"
-        resources = node_resources()
-
-        def condition(kind: str, status: str, reason: str, message: str) -> Obj:
-            return {"type": kind, "status": status, "reason": reason, "message": message,
-                    "lastHeartbeatTime": now, "lastTransitionTime": now}  # fmt: skip
-
-        status: Obj = {
-            "capacity": resources,
-            "allocatable": resources,
-            "conditions": [
-                condition("Ready", "True", "KubeletReady", "kubedream node agent is posting ready status"),
-                condition("MemoryPressure", "False", "KubeletHasSufficientMemory", "no memory pressure"),
-                condition("DiskPressure", "False", "KubeletHasNoDiskPressure", "no disk pressure"),
-                condition("PIDPressure", "False", "KubeletHasSufficientPID", "no PID pressure"),
-            ],
-            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": self.node}],
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
-            "nodeInfo": {
-                "machineID": "kubedream", "systemUUID": "kubedream", "bootID": "kubedream",
-                "kernelVersion": platform.release(), "osImage": "kubedream node agent (no containers)",
-                "containerRuntimeVersion": f"kubedream://{VERSION}", "kubeletVersion": VERSION,
-                "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64",
-            },
-        }  # fmt: skip
-        if self.reported:
-            # Conditions keep their first transition time: the API merges them by type.
-            for item in status["conditions"]:
-                item.pop("lastTransitionTime")
-        self.kube.patch(f"/api/v1/nodes/{self.node}/status", {"status": status})
-        self.reported = True
-
-    def renew_lease(self) -> None:
-        leases = "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases"
-        spec = {
-            "holderIdentity": self.node,
-            "leaseDurationSeconds": LEASE_SECONDS,
-            "renewTime": _now_micro(),
-        }
-        try:
-            self.kube.patch(f"{leases}/{self.node}", {"spec": spec})
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
-            owner = {"apiVersion": "v1", "kind": "Node", "name": self.node, "uid": self.node_uid}
-            body = {"metadata": {"name": self.node, "ownerReferences": [owner]}, "spec": spec}
-            self.kube.post(leases, body)
-
     # --- the pod watch (its own thread) ------------------------------------------------------
 
     def watch_pods(self) -> None:
@@ -267,7 +166,7 @@ class NodeAgent:
             ):
                 self.bind(pod)
             return
-        if spec["nodeName"] != self.node:
+        if spec["nodeName"] != self.node.name:
             return
         run = self.runs.get(uid)
         if run is None:
@@ -284,13 +183,13 @@ class NodeAgent:
             "apiVersion": "v1",
             "kind": "Binding",
             "metadata": {"name": meta["name"], "uid": meta["uid"]},
-            "target": {"apiVersion": "v1", "kind": "Node", "name": self.node},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": self.node.name},
         }
         try:
             self.kube.post(
                 f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/binding", body
             )
-            log.info("bound %s/%s to %s", meta["namespace"], meta["name"], self.node)
+            log.info("bound %s/%s to %s", meta["namespace"], meta["name"], self.node.name)
         except ApiException as exc:
             if exc.status not in (404, 409):
                 raise
@@ -353,13 +252,13 @@ class NodeAgent:
 
     def run(self) -> None:
         self.kill_orphans()
-        self.register()
+        self.node.register()
         watcher = threading.Thread(target=self.watch_pods, name="pod-watch", daemon=True)
         watcher.start()
         if not self.synced.wait(timeout=60):
             raise RuntimeError("could not list pods within 60s")
         self.layout.agent_ready.write_text(f"{os.getpid()}\n")
-        log.info("node %s registered and watching pods", self.node)
+        log.info("node %s registered and watching pods", self.node.name)
         next_lease = next_status = time.monotonic()
         next_resync = next_lease + RESYNC_SECONDS
         try:
@@ -370,10 +269,10 @@ class NodeAgent:
                     self.step()
                     now = time.monotonic()
                     if now >= next_lease:
-                        self.renew_lease()
+                        self.node.renew_lease()
                         next_lease = now + RENEW_SECONDS
                     if now >= next_status:
-                        self.report_node()
+                        self.node.report()
                         next_status = now + STATUS_SECONDS
                     if now >= next_resync:
                         # Self-healing: an event whose handling failed is picked up here.
