@@ -17,16 +17,25 @@ from typing import TypeVar
 
 from kubedream_operator.spec import FineTuneJobSpec
 
-from .data import DataRootError, Dataset, plan_epoch, scan_roots
+from .data import DataRootError, Dataset, plan_epoch
+from .data.manifest import scan_roots_cached
 from .errors import JobError
+from .storage import Storage
 
 T = TypeVar("T")
 
 
-def load_dataset(spec: FineTuneJobSpec) -> Dataset:
-    """Scan `spec.data.roots`; JobError when a root is missing or no image is usable."""
+def load_dataset(
+    spec: FineTuneJobSpec, cache: Storage | None = None, write_cache: bool = True
+) -> Dataset:
+    """Scan `spec.data.roots`; JobError when a root is missing or no image is usable.
+
+    With `cache` (the output), an unchanged scan is read from its dataset-manifest.json
+    and a new one saved there when `write_cache` (see `data.manifest`)."""
     try:
-        dataset = scan_roots(spec.data.roots, spec.data.resolution, spec.storage)
+        dataset, _ = scan_roots_cached(
+            spec.data.roots, spec.data.resolution, spec.storage, cache, write=write_cache
+        )
     except DataRootError as exc:
         raise JobError(f"spec.data.roots: {exc}") from None
     except ValueError as exc:

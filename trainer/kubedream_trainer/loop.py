@@ -58,7 +58,7 @@ def train(session: Session, stop: StopRequest) -> Outcome:
     progress.phase(Phase.STARTING, "checking the data roots and the base model")
     check_inputs(spec)
     progress.phase(Phase.STARTING, "scanning the data roots")
-    dataset = load_dataset(spec)
+    dataset = load_dataset(spec, cache=session.output, write_cache=session.is_main)
     schedule = build_schedule(dataset, spec, session.world_size, session.rank)
     progress.update(totalSteps=schedule.total_steps, totalEpochs=schedule.total_epochs)
     if session.is_main:

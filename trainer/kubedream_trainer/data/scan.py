@@ -129,8 +129,11 @@ def _scan_image(
     return record, problems
 
 
-def _scan_root(root: _Root, pool: ThreadPoolExecutor) -> tuple[list[ImageRecord], list[Problem]]:
-    objects = [info for info in root.storage.list() if not _is_hidden(info.key)]
+def _scan_root(
+    root: _Root, pool: ThreadPoolExecutor, listing: Sequence[ObjectInfo] | None
+) -> tuple[list[ImageRecord], list[Problem]]:
+    listed = root.storage.list() if listing is None else listing
+    objects = [info for info in listed if not _is_hidden(info.key)]
     if not objects:
         raise DataRootError(
             f"data root {root.spec.uri}: no files found (missing folder or empty prefix)"
@@ -195,8 +198,12 @@ def scan_roots(
     resolution: int,
     storage_settings: object | None = None,
     workers: int = 16,
+    listings: Sequence[Sequence[ObjectInfo]] | None = None,
 ) -> Dataset:
     """Scan every root (opened with `open_storage(root.uri, storage_settings)`) into a Dataset.
+
+    `listings` (one per root, as `Storage.list()` returns it) saves listing a root again
+    when the caller already has (data.manifest fingerprints the listings first).
 
     Raises DataRootError for a root without any file and ValueError for a resolution that
     is not a multiple of 64; every other problem is recorded in `Dataset.problems`.
@@ -207,7 +214,8 @@ def scan_roots(
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="kd-scan") as pool:
         for index, spec in enumerate(roots):
             root = _Root(index, spec, open_storage(spec.uri, storage_settings), resolution)
-            root_records, root_problems = _scan_root(root, pool)
+            listing = None if listings is None else listings[index]
+            root_records, root_problems = _scan_root(root, pool, listing)
             records.extend(root_records)
             problems.extend(root_problems)
     return Dataset(
