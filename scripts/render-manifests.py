@@ -124,8 +124,16 @@ def helm_template(helm: str, chart: Path) -> str:
             f"HELM_{kind}_HOME": f"{home}/{kind.lower()}" for kind in ("CACHE", "CONFIG", "DATA")
         }
         proc = subprocess.run(
-            [helm, "template", RELEASE, str(chart), "--namespace", NAMESPACE]
-            + ["--kube-version", KUBE_VERSION],
+            [
+                helm,
+                "template",
+                RELEASE,
+                str(chart),
+                "--namespace",
+                NAMESPACE,
+                "--kube-version",
+                KUBE_VERSION,
+            ],
             capture_output=True,
             text=True,
             check=False,
@@ -163,7 +171,7 @@ def _stale(path: Path, wanted: str) -> list[str]:
     current = path.read_text() if path.is_file() else ""
     if current == wanted:
         return []
-    rel = path.relative_to(ROOT)
+    rel = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
     return list(
         difflib.unified_diff(
             current.splitlines(keepends=True),
