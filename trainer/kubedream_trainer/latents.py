@@ -6,11 +6,15 @@ distribution every time, from the same generator and in the same order as an unc
 Cached images are encoded one at a time, so a cached value does not depend on which batch
 first met the image: a resumed run that refills the cache gets bit-identical values.
 
-The cache lives in memory on the CPU for now; keying it by the image's storage ETag and
-keeping it on local disk comes with the S3 data work. Called by `step`.
+The cache lives in memory on the CPU; with a backing store (`latent_store.LatentStore`,
+under the output, keyed by the image's ETag, bucket, flip and the VAE's identity) entries
+are also read from and written to storage, so a resumed run does not encode again.
+Called by `step`.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
@@ -19,13 +23,30 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 CacheKey = tuple[int, bool]
 
 
+class LatentBacking(Protocol):
+    """Where cached parameters persist beyond the process (see `latent_store`)."""
+
+    def get(self, key: CacheKey) -> torch.Tensor | None: ...
+
+    def put(self, key: CacheKey, parameters: torch.Tensor) -> None: ...
+
+
 class LatentCache:
     """(image index, flipped) -> latent distribution parameters [2C, h, w] on the CPU."""
 
-    def __init__(self) -> None:
+    def __init__(self, backing: LatentBacking | None = None) -> None:
         self._store: dict[CacheKey, torch.Tensor] = {}
+        self.backing = backing
         self.hits = 0
+        """Images not encoded (found in memory or in the backing store)."""
         self.misses = 0
+        """Images encoded."""
+        self.loaded = 0
+        """Hits read from the backing store."""
+
+    def attach(self, backing: LatentBacking) -> None:
+        """Read from and write to `backing` from now on."""
+        self.backing = backing
 
     def __len__(self) -> int:
         return len(self._store)
@@ -37,10 +58,17 @@ class LatentCache:
         rows = []
         for i, key in enumerate(keys):
             cached = self._store.get(key)
+            if cached is None and self.backing is not None:
+                cached = self.backing.get(key)
+                if cached is not None:
+                    self.loaded += 1
+                    self._store[key] = cached
             if cached is None:
                 self.misses += 1
                 cached = vae.encode(pixels[i : i + 1]).latent_dist.parameters[0].to("cpu")
                 self._store[key] = cached
+                if self.backing is not None:
+                    self.backing.put(key, cached)
             else:
                 self.hits += 1
             rows.append(cached)

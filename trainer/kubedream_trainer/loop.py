@@ -32,6 +32,7 @@ from .epochs import (
     load_dataset,
     plan_fingerprint,
 )
+from .latent_store import LatentStore
 from .models import load_components, resolve_model_dir
 from .preflight import check_inputs
 from .progress import Phase
@@ -80,6 +81,8 @@ def train(session: Session, stop: StopRequest) -> Outcome:
     trainee = trainees.build(
         components, training, session.device, schedule.total_steps, session.rank
     )
+    if trainee.latent_cache is not None:  # cached latents survive restarts, in the output
+        trainee.latent_cache.attach(LatentStore.open(session.output, dataset, components.vae))
     position = Position()
     if latest is not None:
         position = trainees.restore(
