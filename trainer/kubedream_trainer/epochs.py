@@ -13,11 +13,12 @@ import json
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from kubedream_operator.spec import FineTuneJobSpec
 
 from .data import DataRootError, Dataset, plan_epoch
+from .data.loader import BatchLoader
 from .data.manifest import scan_roots_cached
 from .errors import JobError
 from .storage import Storage
@@ -123,3 +124,40 @@ def dataset_fingerprint(dataset: Dataset) -> str:
 def plan_fingerprint(batches: list[list[int]]) -> str:
     """Identity of one epoch's plan (what a resumed run must reproduce)."""
     return _digest(batches)
+
+
+def epoch_batches(
+    dataset: Dataset, spec: FineTuneJobSpec, epoch: int, world_size: int, rank: int
+) -> list[list[int]]:
+    """This rank's micro-batches of `epoch` (0-based)."""
+    training = spec.training
+    return plan_epoch(
+        dataset, epoch, training.seed, training.batch_size, world_size=world_size, rank=rank
+    )
+
+
+def epoch_loader(
+    dataset: Dataset, spec: FineTuneJobSpec, epoch: int, batches: list[list[int]], start_batch: int
+) -> BatchLoader:
+    """Decoded batches of the plan, from `start_batch` on (as an uninterrupted run has them)."""
+    return BatchLoader(
+        dataset,
+        batches,
+        data_spec=spec.data,
+        seed=spec.training.seed,
+        epoch=epoch,
+        storage_settings=spec.storage,
+        workers=spec.data.loader_workers,
+        start_batch=start_batch,
+    )
+
+
+def data_changed(
+    manifest: dict[str, Any], dataset_print: str, plan: list[list[int]] | None
+) -> bool:
+    """Whether a checkpoint was trained on other data (or batch size, or world size): resuming
+    still works, but is no longer bit-identical to an uninterrupted run."""
+    if manifest.get("datasetFingerprint") != dataset_print:
+        return True
+    recorded = manifest.get("planFingerprint")
+    return recorded is not None and plan is not None and plan_fingerprint(plan) != recorded

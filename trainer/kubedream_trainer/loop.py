@@ -11,24 +11,17 @@ to an uninterrupted one (on the same hardware). Why accelerate is used only part
 
 from __future__ import annotations
 
-import random
-import tempfile
-from dataclasses import replace
 from enum import Enum
-from pathlib import Path
-
-import numpy as np
-import torch
 
 from . import trainee as trainees
 from .checkpoint import Checkpoint
-from .data import Dataset, plan_epoch
-from .data.loader import BatchLoader
-from .data.seeding import derive_seed
 from .epochs import (
     accumulation_groups,
     build_schedule,
+    data_changed,
     dataset_fingerprint,
+    epoch_batches,
+    epoch_loader,
     load_dataset,
     plan_fingerprint,
 )
@@ -39,7 +32,7 @@ from .progress import Phase
 from .samples import sample_round
 from .session import Session
 from .signals import StopRequest
-from .state import STATE_DIR, LoadedState, Position, read_state
+from .state import STATE_DIR, Position, fetch_state
 from .step import optimizer_step
 from .writer import save_checkpoint
 
@@ -84,25 +77,26 @@ def train(session: Session, stop: StopRequest) -> Outcome:
     if trainee.latent_cache is not None:  # cached latents survive restarts, in the output
         trainee.latent_cache.attach(LatentStore.open(session.output, dataset, components.vae))
     position = Position()
+    fingerprints = {"datasetFingerprint": dataset_fingerprint(dataset)}
     if latest is not None:
-        position = trainees.restore(
-            trainee, _read_state(session, latest), session.accelerator, session.rank
-        )
+        loaded = fetch_state(store, latest, session.env.staging_dir)
+        position = trainees.restore(trainee, loaded, session.accelerator, session.rank)
         progress.say(
             f"resuming from {latest.uri} (step {position.step}, epoch {position.epoch + 1})"
         )
+        plan = epoch_batches(dataset, spec, position.epoch, session.world_size, session.rank)
+        if data_changed(latest.manifest, fingerprints["datasetFingerprint"], plan):
+            progress.say(
+                "warning: the data (or batch or world size) changed since the checkpoint; "
+                "resuming at the same step and position in the epoch"
+            )
     else:
-        _seed_everything(training.seed, session.rank)
+        trainees.seed_everything(training.seed, session.rank)
     trainees.wrap(
         trainee, session.accelerator, session.env.compile_backend if training.compile else None
     )
     saved_at = latest.step if latest is not None else None
     sampled_at = None
-    fingerprints = {"datasetFingerprint": dataset_fingerprint(dataset)}
-    if latest is not None:
-        _warn_if_data_changed(
-            session, latest, fingerprints["datasetFingerprint"], position, dataset
-        )
 
     progress.phase(
         Phase.TRAINING,
@@ -112,25 +106,9 @@ def train(session: Session, stop: StopRequest) -> Outcome:
         epoch=position.epoch + 1,
     )
     while position.step < schedule.total_steps:
-        batches = plan_epoch(
-            dataset,
-            position.epoch,
-            training.seed,
-            training.batch_size,
-            world_size=session.world_size,
-            rank=session.rank,
-        )
-        loader = BatchLoader(
-            dataset,
-            batches,
-            data_spec=spec.data,
-            seed=training.seed,
-            epoch=position.epoch,
-            storage_settings=spec.storage,
-            workers=spec.data.loader_workers,
-            start_batch=position.batch_in_epoch,
-        )
+        batches = epoch_batches(dataset, spec, position.epoch, session.world_size, session.rank)
         fingerprints["planFingerprint"] = plan_fingerprint(batches)
+        loader = epoch_loader(dataset, spec, position.epoch, batches, position.batch_in_epoch)
         for group in accumulation_groups(loader, training.gradient_accumulation):
             if stop.agreed(session.accelerator):
                 if saved_at != position.step and position.step > 0:
@@ -142,22 +120,19 @@ def train(session: Session, stop: StopRequest) -> Outcome:
                 )
                 return Outcome.INTERRUPTED
             result = optimizer_step(trainee, group, training, session.accelerator, position.step)
-            position = _advance(position, len(group), result.images, len(batches))
-            epoch_ended = position.batch_in_epoch == 0
+            position = position.advanced(len(group), result.images, len(batches))
             progress.step(
                 position.step,
-                _epoch_label(position),
+                position.epoch_label,
                 result.loss,
                 result.images * session.world_size,
                 float(trainee.lr_scheduler.get_last_lr()[0]),
             )
-            if _due(
-                position, epoch_ended, spec.output.save_every_steps, spec.output.save_every_epochs
-            ):
+            if _due(position, spec.output.save_every_steps, spec.output.save_every_epochs):
                 _save(session, trainee, position, schedule.total_steps, fingerprints)
                 saved_at = position.step
             if spec.samples.prompts and _due(
-                position, epoch_ended, spec.samples.every_steps, spec.samples.every_epochs
+                position, spec.samples.every_steps, spec.samples.every_epochs
             ):
                 sample_round(session, trainee, position.step)
                 sampled_at = position.step
@@ -173,37 +148,15 @@ def train(session: Session, stop: StopRequest) -> Outcome:
         Phase.SUCCEEDED,
         f"finished {position.step} steps; final checkpoint: {progress.record['lastCheckpoint']}",
         step=position.step,
-        epoch=_epoch_label(position),
+        epoch=position.epoch_label,
     )
     return Outcome.FINISHED
 
 
-def _advance(position: Position, micro_batches: int, images: int, epoch_size: int) -> Position:
-    """One optimizer step later; rolls over to the next epoch at the end of the plan."""
-    batch = position.batch_in_epoch + micro_batches
-    ended = batch >= epoch_size
-    return replace(
-        position,
-        step=position.step + 1,
-        epoch=position.epoch + int(ended),
-        batch_in_epoch=0 if ended else batch,
-        images_seen=position.images_seen + images,
-    )
-
-
-def _epoch_label(position: Position) -> int:
-    """1-based epoch of the last trained step (the finished epoch right at an epoch's end)."""
-    return (
-        position.epoch if position.batch_in_epoch == 0 and position.step > 0 else position.epoch + 1
-    )
-
-
-def _due(
-    position: Position, epoch_ended: bool, every_steps: int | None, every_epochs: int | None
-) -> bool:
-    """Whether a save (or sample round) every N steps / N epochs falls on this step."""
+def _due(position: Position, every_steps: int | None, every_epochs: int | None) -> bool:
+    """Whether a save (or a sample round) every N steps / N epochs falls on this step."""
     return bool(every_steps and position.step % every_steps == 0) or bool(
-        epoch_ended and every_epochs and _epoch_label(position) % every_epochs == 0
+        every_epochs and position.at_epoch_start and position.epoch_label % every_epochs == 0
     )
 
 
@@ -216,51 +169,13 @@ def _save(
 ) -> Checkpoint | None:
     """Checkpoint now; the plan fingerprint only matters when resuming mid-epoch."""
     recorded = dict(fingerprints)
-    if position.batch_in_epoch == 0:
+    if position.at_epoch_start:
         recorded.pop("planFingerprint", None)
     return save_checkpoint(
         session,
         trainee,
         position,
-        epoch=_epoch_label(position),
+        epoch=position.epoch_label,
         total_steps=total_steps,
         fingerprints=recorded,
     )
-
-
-def _warn_if_data_changed(
-    session: Session, latest: Checkpoint, dataset_print: str, position: Position, dataset: Dataset
-) -> None:
-    """Resuming on changed data still works, but is no longer bit-exact: say so."""
-    changed = latest.manifest.get("datasetFingerprint") != dataset_print
-    recorded_plan = latest.manifest.get("planFingerprint")
-    if recorded_plan is not None and not changed:
-        training = session.job.spec.training
-        batches = plan_epoch(
-            dataset,
-            position.epoch,
-            training.seed,
-            training.batch_size,
-            world_size=session.world_size,
-            rank=session.rank,
-        )
-        changed = plan_fingerprint(batches) != recorded_plan
-    if changed:
-        session.progress.say(
-            "warning: the data (or batch size, or world size) changed since the checkpoint; "
-            "resuming at the same step and position in the epoch"
-        )
-
-
-def _read_state(session: Session, checkpoint: Checkpoint) -> LoadedState:
-    """Fetch (when remote) and read a checkpoint's training state."""
-    with tempfile.TemporaryDirectory(prefix="kd-resume-", dir=session.env.staging_dir) as tmp:
-        return read_state(session.store.fetch(checkpoint, STATE_DIR, Path(tmp)))
-
-
-def _seed_everything(seed: int, rank: int) -> None:
-    """Seed the global generators of a fresh run (restored from the checkpoint on resume)."""
-    derived = derive_seed("global", seed, rank)
-    random.seed(derived)
-    np.random.seed(derived % 2**32)
-    torch.manual_seed(derived % 2**63)

@@ -17,13 +17,17 @@ Called by `checkpoint` (writing) and `loop` (restoring).
 from __future__ import annotations
 
 import random
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint, CheckpointStore
 
 STATE_DIR = "training_state"
 
@@ -40,6 +44,26 @@ class Position:
     """Micro-batches of that epoch already trained (a multiple of gradientAccumulation)."""
     images_seen: int = 0
     """Images trained on this rank so far."""
+
+    def advanced(self, micro_batches: int, images: int, epoch_size: int) -> Position:
+        """One optimizer step later; rolls over to the next epoch at the end of its plan."""
+        batch = self.batch_in_epoch + micro_batches
+        ended = batch >= epoch_size
+        return Position(
+            step=self.step + 1,
+            epoch=self.epoch + int(ended),
+            batch_in_epoch=0 if ended else batch,
+            images_seen=self.images_seen + images,
+        )
+
+    @property
+    def at_epoch_start(self) -> bool:
+        return self.batch_in_epoch == 0
+
+    @property
+    def epoch_label(self) -> int:
+        """1-based epoch of the last trained step (the finished one right at an epoch's end)."""
+        return self.epoch if self.at_epoch_start and self.step > 0 else self.epoch + 1
 
     def as_manifest(self) -> dict[str, int]:
         """camelCase, as checkpoint.json spells it."""
@@ -127,6 +151,14 @@ class LoadedState:
     @property
     def position(self) -> Position:
         return Position(**self.trainer["position"])
+
+
+def fetch_state(
+    store: CheckpointStore, checkpoint: Checkpoint, staging_dir: Path | None
+) -> LoadedState:
+    """Read a committed checkpoint's training state (downloaded first when the output is remote)."""
+    with tempfile.TemporaryDirectory(prefix="kd-resume-", dir=staging_dir) as tmp:
+        return read_state(store.fetch(checkpoint, STATE_DIR, Path(tmp)))
 
 
 def read_state(folder: Path) -> LoadedState:

@@ -10,11 +10,13 @@ Called by `loop`.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
@@ -142,3 +144,11 @@ def wrap(trainee: Trainee, accelerator: Accelerator, compile_backend: str | None
     trainee.optimizer = accelerator.prepare_optimizer(trainee.optimizer)
     if compile_backend is not None:
         trainee.unet = torch.compile(trainee.unet, backend=compile_backend)  # type: ignore[assignment]
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """Seed the global generators of a fresh run (a resumed run restores them instead)."""
+    derived = derive_seed("global", seed, rank)
+    random.seed(derived)
+    np.random.seed(derived % 2**32)
+    torch.manual_seed(derived % 2**63)
