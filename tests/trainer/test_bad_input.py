@@ -104,8 +104,15 @@ def test_adamw8bit_without_bitsandbytes_says_what_to_install(
     assert "spec.training.optimizer: adamw8bit needs the bitsandbytes package" in _failed(output)
 
 
-def test_a_non_finite_loss_fails_without_touching_checkpoints(
-    tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("loss", "the loss is nan at step 3: training diverged"),
+        ("gradients", "the gradient norm is inf at step 3: training diverged"),
+    ],
+)
+def test_divergence_fails_without_touching_checkpoints(
+    tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch, where: str, message: str
 ) -> None:
     output = tmp_path / "out"
     assert train(write_job(tmp_path / "two.yaml", data_root, output, training={"maxSteps": 2})) == 0
@@ -115,17 +122,31 @@ def test_a_non_finite_loss_fails_without_touching_checkpoints(
         if p.is_file()
     }
 
-    import kubedream_trainer.losses as losses
+    if where == "loss":
+        import kubedream_trainer.losses as losses
 
-    def diverged(*args: object, **kwargs: object) -> torch.Tensor:
-        return torch.tensor(float("nan"), requires_grad=True)
+        def nan_loss(*args: object, **kwargs: object) -> torch.Tensor:
+            return torch.tensor(float("nan"), requires_grad=True)
 
-    monkeypatch.setattr(losses, "diffusion_loss", diverged)
-    assert (
-        train(write_job(tmp_path / "four.yaml", data_root, output, training={"maxSteps": 4}))
-        == ExitCode.DIVERGED
+        monkeypatch.setattr(losses, "diffusion_loss", nan_loss)
+    else:
+        from accelerate import Accelerator
+
+        def inf_norm(
+            self: object, parameters: object, max_norm: float, norm_type: float = 2
+        ) -> torch.Tensor:
+            return torch.tensor(float("inf"))
+
+        monkeypatch.setattr(Accelerator, "clip_grad_norm_", inf_norm)
+    job = write_job(
+        tmp_path / "four.yaml",
+        data_root,
+        output,
+        training={"maxSteps": 4},
+        output={"saveEverySteps": 1},
     )
-    assert "the loss is nan at step 3: training diverged" in _failed(output)
+    assert train(job) == ExitCode.DIVERGED
+    assert message in _failed(output)
     assert committed_steps(output) == [2]
     after = {
         p: hashlib.sha256(p.read_bytes()).hexdigest()

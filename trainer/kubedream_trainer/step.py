@@ -3,7 +3,8 @@
 `optimizer_step` trains on a group of `gradientAccumulation` micro-batches: each one's loss
 is divided by the group's size before backward, so the update sees the mean gradient; DDP
 syncs gradients only on the group's last micro-batch (`accelerator.no_sync`). A non-finite
-loss raises `DivergedError` before any weight changes. Called by `loop`.
+loss, or gradient norm (outside fp16, whose scaler skips such steps), raises `DivergedError`
+before any weight changes. Called by `loop`.
 """
 
 from __future__ import annotations
@@ -99,7 +100,17 @@ def optimizer_step(
         total += checked
         images += len(batch.captions)
     if spec.max_grad_norm is not None:
-        accelerator.clip_grad_norm_(trainee.trainable_parameters(), spec.max_grad_norm)
+        norm = accelerator.clip_grad_norm_(trainee.trainable_parameters(), spec.max_grad_norm)
+        # fp16's grad scaler skips such a step by itself; otherwise it would poison the weights.
+        if (
+            accelerator.scaler is None
+            and norm is not None
+            and not torch.isfinite(torch.as_tensor(norm))
+        ):
+            raise DivergedError(
+                f"the gradient norm is {float(norm)} at step {step + 1}: training diverged. Lower "
+                "spec.training.unetLearningRate (or textEncoderLearningRate)"
+            )
     trainee.optimizer.step()
     if not accelerator.optimizer_step_was_skipped:
         trainee.lr_scheduler.step()
