@@ -30,6 +30,8 @@ class LatentBacking(Protocol):
 
     def put(self, key: CacheKey, parameters: torch.Tensor) -> None: ...
 
+    def flush(self) -> None: ...
+
 
 class LatentCache:
     """(image index, flipped) -> latent distribution parameters [2C, h, w] on the CPU."""
@@ -47,6 +49,11 @@ class LatentCache:
     def attach(self, backing: LatentBacking) -> None:
         """Read from and write to `backing` from now on."""
         self.backing = backing
+
+    def flush(self) -> None:
+        """Wait until every entry handed to the backing store is written."""
+        if self.backing is not None:
+            self.backing.flush()
 
     def __len__(self) -> int:
         return len(self._store)

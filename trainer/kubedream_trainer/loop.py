@@ -167,7 +167,10 @@ def _save(
     total_steps: int,
     fingerprints: dict[str, str],
 ) -> Checkpoint | None:
-    """Checkpoint now; the plan fingerprint only matters when resuming mid-epoch."""
+    """Checkpoint now; the plan fingerprint only matters when resuming mid-epoch. Cached
+    latents are flushed first, so a resume from this checkpoint finds them all."""
+    if trainee.latent_cache is not None:
+        trainee.latent_cache.flush()
     recorded = dict(fingerprints)
     if position.at_epoch_start:
         recorded.pop("planFingerprint", None)
