@@ -7,6 +7,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -196,3 +197,30 @@ def test_asking_for_a_gpu_that_is_not_there(
     assert train(job, device="cuda") == 1
     assert "--device cuda: no CUDA GPU is available here" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_trainer_whose_lease_was_taken_over_stops_without_committing(
+    tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kubedream_trainer.loop as loop
+
+    output = tmp_path / "out"
+    usurper = {
+        "owner": "usurper",
+        "job": "other",
+        "host": "node-9",
+        "expiresAtUnix": time.time() + 3600,
+    }
+    real_step = loop.optimizer_step
+
+    def step_then_lose_the_lease(*args: Any, **kwargs: Any) -> Any:
+        result = real_step(*args, **kwargs)
+        (output / "lease.json").write_text(json.dumps(usurper))
+        return result
+
+    monkeypatch.setattr(loop, "optimizer_step", step_then_lose_the_lease)
+    job = write_job(tmp_path / "job.yaml", data_root, output, output={"saveEverySteps": 1})
+    assert train(job) == ExitCode.OUTPUT_LOCKED
+    assert committed_steps(output) == []
+    assert json.loads((output / "lease.json").read_text()) == usurper
+    assert read_json(output / "progress.json")["phase"] != "Failed"

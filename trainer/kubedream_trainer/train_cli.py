@@ -17,7 +17,7 @@ import sys
 from kubedream_operator.spec import SpecError, load_job
 
 from .config import TrainerEnv
-from .errors import ExitCode, OutputError, TrainerError
+from .errors import ExitCode, OutputError, OutputLockedError, TrainerError
 from .preflight import check_output
 from .progress import Phase, Progress
 from .signals import StopRequest
@@ -36,13 +36,15 @@ def _quiet_libraries() -> None:
 
 
 def _fail(progress: Progress, error: TrainerError) -> int:
-    """Record the failure in progress.json (best effort) and on stderr."""
+    """Record the failure in progress.json (best effort) and on stderr. A trainer that lost
+    the output lease leaves progress.json to the trainer that holds it now."""
+    if isinstance(error, OutputLockedError) or not progress.enabled:
+        print(f"kubedream: {error.message}", file=sys.stderr)
+        return int(error.exit_code)
     try:
         progress.phase(Phase.FAILED, error.message)
     except (OSError, StorageError) as exc:
         print(f"kubedream: could not write progress.json: {exc}", file=sys.stderr)
-    if not progress.enabled:
-        print(f"kubedream: {error.message}", file=sys.stderr)
     return int(error.exit_code)
 
 
