@@ -43,7 +43,8 @@ def _fail(progress: Progress, error: TrainerError) -> int:
         return int(error.exit_code)
     try:
         progress.phase(Phase.FAILED, error.message)
-    except (OSError, StorageError) as exc:
+    except (OSError, StorageError) as exc:  # the output is down: stderr is all that is left
+        print(f"kubedream: {error.message}", file=sys.stderr)
         print(f"kubedream: could not write progress.json: {exc}", file=sys.stderr)
     return int(error.exit_code)
 
