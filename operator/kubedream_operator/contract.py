@@ -7,8 +7,7 @@ sides can import it.
 Exit codes of `kubedream train` are the trainer's (`kubedream_trainer.errors.ExitCode`,
 docs/trainer.md); what the Job does with each is decided here:
 
-- FailJob at once (no retry can help): USAGE (2), DIVERGED (3), and INVALID_JOB unless it is
-  1. Exit code 1 is also what Python exits with on an uncaught exception and what torchrun
+- FailJob at once (no retry can help): INVALID_JOB and USAGE (2), DIVERGED (3). Exit code 1 is also what Python exits with on an uncaught exception and what torchrun
   exits with when any worker fails, so 1 must stay retryable: a crash, a CUDA fault or one
   lost rank of a multi-node job is worth a retry from the last checkpoint.
 - Ignore (no retry counted): any exit of a pod with the `DisruptionTarget` condition

@@ -60,7 +60,7 @@ def test_a_missing_model_folder_fails_naming_the_field(
     if base in ("missing", "empty"):
         base = str(tmp_path / base)
     output = tmp_path / "out"
-    assert train(write_job(tmp_path / "job.yaml", data_root, output, model={"base": base})) == 1
+    assert train(write_job(tmp_path / "job.yaml", data_root, output, model={"base": base})) == ExitCode.INVALID_JOB
     assert expected.format(base=base) in _failed(output)
     assert committed_steps(output) == []
 
@@ -78,7 +78,7 @@ def test_a_data_root_without_usable_images_fails_naming_the_field(
         (root / "broken.txt").write_text("a caption for a broken image")
         (root / "empty.jpg").write_bytes(b"")
     output = tmp_path / "out"
-    assert train(write_job(tmp_path / "job.yaml", root, output)) == 1
+    assert train(write_job(tmp_path / "job.yaml", root, output)) == ExitCode.INVALID_JOB
     message = _failed(output)
     assert message.startswith("spec.data.roots: ")
     assert str(root) in message
@@ -100,7 +100,7 @@ def test_adamw8bit_without_bitsandbytes_says_what_to_install(
         train(
             write_job(tmp_path / "job.yaml", data_root, output, training={"optimizer": "adamw8bit"})
         )
-        == 1
+        == ExitCode.INVALID_JOB
     )
     assert "spec.training.optimizer: adamw8bit needs the bitsandbytes package" in _failed(output)
 
@@ -194,7 +194,7 @@ def test_asking_for_a_gpu_that_is_not_there(
     tmp_path: Path, data_root: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     job = write_job(tmp_path / "job.yaml", data_root, tmp_path / "out")
-    assert train(job, device="cuda") == 1
+    assert train(job, device="cuda") == ExitCode.INVALID_JOB
     assert "--device cuda: no CUDA GPU is available here" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 

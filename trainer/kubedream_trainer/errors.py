@@ -16,10 +16,13 @@ class ExitCode(IntEnum):
 
     SUCCEEDED = 0
     """Training finished (or had already finished) and its final checkpoint is committed."""
-    INVALID_JOB = 1
-    """The job cannot run as written: spec, model folder or data. The message says what to fix."""
+    INVALID_JOB = 2
+    """The job cannot run as written: spec, model folder or data. The message says what to fix.
+    Shares argparse's usage code: both mean "fix the input", and neither may be 1, which is
+    what Python exits with on a crash (retryable), so the Job's podFailurePolicy can fail
+    the Job at once on 2."""
     USAGE = 2
-    """Bad command line (argparse's code)."""
+    """Bad command line (argparse's code); an alias of INVALID_JOB."""
     DIVERGED = 3
     """The loss became NaN or infinite; nothing was saved from the diverged state."""
     STORAGE = 4
