@@ -40,6 +40,7 @@ images (one by digest), S3 defaults."""
 OPERATOR_RULES = [
     {"apiGroups": ["kubedream.io"], "resources": ["finetunejobs"], "verbs": ["list", "watch", "patch"]},
     {"apiGroups": ["kubedream.io"], "resources": ["finetunejobs/status"], "verbs": ["patch"]},
+    {"apiGroups": ["kubedream.io"], "resources": ["finetunejobs/finalizers"], "verbs": ["update"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
     {"apiGroups": [""], "resources": ["configmaps", "services"], "verbs": ["get", "create", "patch"]},
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "create", "patch"]},

@@ -104,6 +104,12 @@ what the operator calls (kubedream_operator.k8s, kopf's watching, patching and e
 - apiGroups: ["kubedream.io"]
   resources: ["finetunejobs/status"]
   verbs: ["patch"]
+# The children's owner references set blockOwnerDeletion, which clusters running the
+# OwnerReferencesPermissionEnforcement admission plugin (OpenShift) allow only to those who
+# may update the owner's finalizers.
+- apiGroups: ["kubedream.io"]
+  resources: ["finetunejobs/finalizers"]
+  verbs: ["update"]
 # kopf and the handlers post Events on FineTuneJobs.
 - apiGroups: [""]
   resources: ["events"]
