@@ -43,6 +43,14 @@ MAX_ATTEMPTS = 5
 otherwise; the outer `RetryPolicy` repeats these."""
 
 
+def _env_int(name: str) -> int | None:
+    try:
+        value = int(os.environ.get(name, ""))
+    except ValueError:
+        return None
+    return value if value > 0 else None
+
+
 def max_attempts() -> int:
     """boto3's attempts per request: KUBEDREAM_S3_MAX_ATTEMPTS, else `MAX_ATTEMPTS`."""
     try:
@@ -160,7 +168,7 @@ class S3Storage(Storage):
         self.client = client or make_client(settings)
         self.endpoint = str(self.client.meta.endpoint_url)
         self.transfer = transfer or TRANSFER
-        self.page_size = page_size
+        self.page_size = page_size or _env_int("KUBEDREAM_S3_LIST_PAGE_SIZE")
         """Keys per listing request (None: the server's maximum, 1000 on AWS)."""
         self.retry = retry or RetryPolicy()
 
