@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device", default=None, help="torch device (default: cuda if available, else cpu)"
     )
+    # torchrun's topology flags: more than one process in all launches them (distributed.launch)
+    p.add_argument("--nproc-per-node", type=int, default=1, help="training processes on this node")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes (pods) in the group")
+    p.add_argument("--node-rank", type=int, default=0, help="this node's index, 0-based")
+    p.add_argument("--master-addr", default="127.0.0.1", help="node 0's address")
+    p.add_argument("--master-port", type=int, default=29500, help="node 0's rendezvous port")
     p.set_defaults(func=_lazy("kubedream_trainer.train_cli:run"))
 
     dataset = sub.add_parser("dataset", help="data root tools").add_subparsers(

@@ -78,16 +78,7 @@ def build_schedule(dataset: Dataset, spec: FineTuneJobSpec, world_size: int, ran
     while (training.epochs is None or len(counts) < training.epochs) and (
         training.max_steps is None or steps < training.max_steps
     ):
-        batches = len(
-            plan_epoch(
-                dataset,
-                len(counts),
-                training.seed,
-                training.batch_size,
-                world_size=world_size,
-                rank=rank,
-            )
-        )
+        batches = len(epoch_batches(dataset, spec, len(counts), world_size, rank))
         if batches == 0:
             raise JobError(
                 f"spec.data.roots: epoch {len(counts) + 1} draws no images (every multiplier rounds to 0?)"
@@ -126,18 +117,54 @@ def plan_fingerprint(batches: list[list[int]]) -> str:
     return _digest(batches)
 
 
+def step_batch_size(spec: FineTuneJobSpec, world_size: int) -> int:
+    """Images per optimizer step over all ranks: batchSize × world size × gradientAccumulation."""
+    training = spec.training
+    return training.batch_size * world_size * training.gradient_accumulation
+
+
+def global_plan(
+    dataset: Dataset, spec: FineTuneJobSpec, epoch: int, world_size: int
+) -> list[list[int]]:
+    """The epoch's step batches: what each optimizer step trains, over all ranks. Depends on
+    (dataset, seed, epoch, step batch size) only, so runs with the same step batch on any
+    number of ranks train the same images at the same step."""
+    return plan_epoch(dataset, epoch, spec.training.seed, step_batch_size(spec, world_size))
+
+
 def epoch_batches(
     dataset: Dataset, spec: FineTuneJobSpec, epoch: int, world_size: int, rank: int
 ) -> list[list[int]]:
-    """This rank's micro-batches of `epoch` (0-based)."""
-    training = spec.training
-    return plan_epoch(
-        dataset, epoch, training.seed, training.batch_size, world_size=world_size, rank=rank
-    )
+    """This rank's micro-batches of `epoch` (0-based), `gradientAccumulation` per step.
+
+    Step batch j is cut into world size × accumulation slices of batchSize images; rank r
+    trains slice a × world_size + r as its micro-batch a (every slice of a step batch holds
+    one bucket, so shapes match on every rank)."""
+    size, accumulation = spec.training.batch_size, spec.training.gradient_accumulation
+    return [
+        step_batch[slot * size : (slot + 1) * size]
+        for step_batch in global_plan(dataset, spec, epoch, world_size)
+        for slot in (a * world_size + rank for a in range(accumulation))
+    ]
+
+
+def batch_ids(count: int, spec: FineTuneJobSpec, world_size: int, rank: int) -> list[int]:
+    """Global ids of this rank's `count` micro-batches (the slice number in the epoch), which
+    seed the loader's flips and caption choices: the same on any number of ranks."""
+    accumulation = spec.training.gradient_accumulation
+    slices = world_size * accumulation
+    return [
+        (i // accumulation) * slices + (i % accumulation) * world_size + rank for i in range(count)
+    ]
 
 
 def epoch_loader(
-    dataset: Dataset, spec: FineTuneJobSpec, epoch: int, batches: list[list[int]], start_batch: int
+    dataset: Dataset,
+    spec: FineTuneJobSpec,
+    epoch: int,
+    batches: list[list[int]],
+    start_batch: int,
+    ids: list[int] | None = None,
 ) -> BatchLoader:
     """Decoded batches of the plan, from `start_batch` on (as an uninterrupted run has them)."""
     return BatchLoader(
@@ -149,6 +176,7 @@ def epoch_loader(
         storage_settings=spec.storage,
         workers=spec.data.loader_workers,
         start_batch=start_batch,
+        ids=ids,
     )
 
 

@@ -15,15 +15,19 @@ from enum import Enum
 
 from . import trainee as trainees
 from .checkpoint import Checkpoint
+from .distributed import record_step, shared_choice
 from .epochs import (
     accumulation_groups,
+    batch_ids,
     build_schedule,
     data_changed,
     dataset_fingerprint,
     epoch_batches,
     epoch_loader,
+    global_plan,
     load_dataset,
     plan_fingerprint,
+    step_batch_size,
 )
 from .latent_store import LatentStore
 from .models import load_components, resolve_model_dir
@@ -55,9 +59,13 @@ def train(session: Session, stop: StopRequest) -> Outcome:
     dataset = load_dataset(spec, cache=session.output, write_cache=session.is_main)
     schedule = build_schedule(dataset, spec, session.world_size, session.rank)
     progress.update(totalSteps=schedule.total_steps, totalEpochs=schedule.total_epochs)
+    world_size, rank = session.world_size, session.rank
     if session.is_main:
         store.remove_uncommitted()
-    latest = store.latest_resumable(STATE_DIR + "/")
+    # Rank 0 picks the checkpoint and every rank resumes from that one.
+    latest = shared_choice(
+        lambda: store.latest_resumable(STATE_DIR + "/") if session.is_main else None
+    )
     progress.set_checkpoints([c.uri for c in store.committed()])
     if latest is not None and latest.step >= schedule.total_steps:
         progress.phase(
@@ -72,7 +80,7 @@ def train(session: Session, stop: StopRequest) -> Outcome:
     model_dir = resolve_model_dir(spec.model.base, spec.storage, spec.model.family)
     components = load_components(model_dir, spec.model, training.zero_terminal_snr)
     trainee = trainees.build(
-        components, training, session.device, schedule.total_steps, session.rank
+        components, training, session.device, schedule.total_steps, rank, world_size
     )
     if trainee.latent_cache is not None:  # cached latents survive restarts, in the output
         trainee.latent_cache.attach(LatentStore.open(session.output, dataset, components.vae))
@@ -80,18 +88,25 @@ def train(session: Session, stop: StopRequest) -> Outcome:
     fingerprints = {"datasetFingerprint": dataset_fingerprint(dataset)}
     if latest is not None:
         loaded = fetch_state(store, latest, session.env.staging_dir)
-        position = trainees.restore(trainee, loaded, session.accelerator, session.rank)
-        progress.say(
-            f"resuming from {latest.uri} (step {position.step}, epoch {position.epoch + 1})"
+        position = trainees.restore(trainee, loaded, session.accelerator, rank).on_ranks(
+            step_batch_size(spec, world_size), training.gradient_accumulation
         )
-        plan = epoch_batches(dataset, spec, position.epoch, session.world_size, session.rank)
+        if position.batch_in_epoch >= len(
+            epoch_batches(dataset, spec, position.epoch, world_size, rank)
+        ):  # a smaller new plan already ends there
+            position = Position(position.step, position.epoch + 1, 0, position.images_seen, 0)
+        progress.say(
+            f"resuming from {latest.uri} (step {position.step}, epoch {position.epoch + 1}, "
+            f"{world_size} process{'es' if world_size > 1 else ''})"
+        )
+        plan = global_plan(dataset, spec, position.epoch, world_size)
         if data_changed(latest.manifest, fingerprints["datasetFingerprint"], plan):
             progress.say(
                 "warning: the data (or batch or world size) changed since the checkpoint; "
                 "resuming at the same step and position in the epoch"
             )
     else:
-        trainees.seed_everything(training.seed, session.rank)
+        trainees.seed_everything(training.seed, rank)
     trainees.wrap(
         trainee, session.accelerator, session.env.compile_backend if training.compile else None
     )
@@ -106,9 +121,17 @@ def train(session: Session, stop: StopRequest) -> Outcome:
         epoch=position.epoch + 1,
     )
     while position.step < schedule.total_steps:
-        batches = epoch_batches(dataset, spec, position.epoch, session.world_size, session.rank)
-        fingerprints["planFingerprint"] = plan_fingerprint(batches)
-        loader = epoch_loader(dataset, spec, position.epoch, batches, position.batch_in_epoch)
+        batches = epoch_batches(dataset, spec, position.epoch, world_size, rank)
+        plan = global_plan(dataset, spec, position.epoch, world_size)
+        fingerprints["planFingerprint"] = plan_fingerprint(plan)
+        loader = epoch_loader(
+            dataset,
+            spec,
+            position.epoch,
+            batches,
+            position.batch_in_epoch,
+            batch_ids(len(batches), spec, world_size, rank),
+        )
         for group in accumulation_groups(loader, training.gradient_accumulation):
             if stop.agreed(session.accelerator):
                 if saved_at != position.step and position.step > 0:
@@ -120,12 +143,15 @@ def train(session: Session, stop: StopRequest) -> Outcome:
                 )
                 return Outcome.INTERRUPTED
             result = optimizer_step(trainee, group, training, session.accelerator, position.step)
-            position = position.advanced(len(group), result.images, len(batches))
+            record_step(
+                rank, position.step, position.epoch, [b.indices for b in group], result.loss
+            )
+            position = position.advanced(len(group), result.images * world_size, len(batches))
             progress.step(
                 position.step,
                 position.epoch_label,
                 result.loss,
-                result.images * session.world_size,
+                result.images * world_size,
                 float(trainee.lr_scheduler.get_last_lr()[0]),
             )
             if _due(position, spec.output.save_every_steps, spec.output.save_every_epochs):

@@ -24,6 +24,7 @@ from kubedream_operator.spec import FineTuneJob
 
 from .checkpoint import CheckpointStore
 from .config import Precision, TrainerEnv, resolve_device, resolve_precision
+from .distributed import init_process_group
 from .lease import OutputLease
 from .progress import Progress
 from .storage import Storage, open_storage
@@ -73,6 +74,7 @@ def open_session(job: FineTuneJob, device: str | None, env: TrainerEnv) -> Itera
     precision = resolve_precision(spec.training.mixed_precision, target)
     if target.type == "cuda" and target.index is not None:
         torch.cuda.set_device(target)
+    init_process_group(target)  # under torchrun: gloo/nccl with KUBEDREAM_DIST_TIMEOUT
     accelerator = Accelerator(cpu=target.type == "cpu", mixed_precision=precision)
     output = open_storage(spec.output.uri, spec.storage)
     lease = None

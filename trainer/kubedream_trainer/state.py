@@ -41,12 +41,17 @@ class Position:
     epoch: int = 0
     """0-based epoch in progress (the plan `plan_epoch(dataset, epoch, ...)`)."""
     batch_in_epoch: int = 0
-    """Micro-batches of that epoch already trained (a multiple of gradientAccumulation)."""
+    """This rank's micro-batches of that epoch already trained (a multiple of
+    gradientAccumulation). Depends on world size and accumulation; `epoch_images` does not."""
     images_seen: int = 0
-    """Images trained on this rank so far."""
+    """Images trained so far over all ranks."""
+    epoch_images: int = -1
+    """Images of the epoch's global plan trained so far over all ranks (step batches done ×
+    step batch size): where a run on another number of ranks continues. -1 in checkpoints
+    written before it existed (single-process ones, where batch_in_epoch says the same)."""
 
     def advanced(self, micro_batches: int, images: int, epoch_size: int) -> Position:
-        """One optimizer step later; rolls over to the next epoch at the end of its plan."""
+        """One optimizer step of `images` (all ranks) later; rolls over at the end of the plan."""
         batch = self.batch_in_epoch + micro_batches
         ended = batch >= epoch_size
         return Position(
@@ -54,6 +59,22 @@ class Position:
             epoch=self.epoch + int(ended),
             batch_in_epoch=0 if ended else batch,
             images_seen=self.images_seen + images,
+            epoch_images=0 if ended else max(self.epoch_images, 0) + images,
+        )
+
+    def on_ranks(self, step_batch: int, accumulation: int) -> Position:
+        """This position for a run whose step batch is `step_batch` images: the same step
+        batch of the epoch when that size is unchanged, else the one holding the next image
+        of the global order (see docs/distributed.md, "Changing the number of processes")."""
+        if self.epoch_images < 0:
+            return self
+        steps_done = self.epoch_images // step_batch
+        return Position(
+            step=self.step,
+            epoch=self.epoch,
+            batch_in_epoch=steps_done * accumulation,
+            images_seen=self.images_seen,
+            epoch_images=steps_done * step_batch,
         )
 
     @property
@@ -72,6 +93,7 @@ class Position:
             "epochIndex": self.epoch,
             "batchInEpoch": self.batch_in_epoch,
             "imagesSeen": self.images_seen,
+            "imagesInEpoch": self.epoch_images,
         }
 
 

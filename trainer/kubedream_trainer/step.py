@@ -76,6 +76,7 @@ def optimizer_step(
     images = 0
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
+        trainee.reseed_noise(step, i)
         with nullcontext() if last else trainee.no_sync(accelerator):
             loss = micro_batch_loss(
                 trainee,

@@ -17,6 +17,7 @@ import sys
 from kubedream_operator.spec import SpecError, load_job
 
 from .config import TrainerEnv
+from .distributed import PeerLostError, launch, peer_lost, wants_launch
 from .errors import ExitCode, OutputError, OutputLockedError, TrainerError
 from .preflight import check_output
 from .progress import Phase, Progress
@@ -49,6 +50,17 @@ def _fail(progress: Progress, error: TrainerError) -> int:
     return int(error.exit_code)
 
 
+def _peer_lost(progress: Progress, error: PeerLostError) -> int:
+    """Like `_fail`, for a lost peer: say so on stderr and (rank 0) in progress.json."""
+    print(f"kubedream: {error.message}", file=sys.stderr)
+    if progress.enabled:
+        try:
+            progress.phase(Phase.FAILED, error.message)
+        except (OSError, StorageError) as exc:
+            print(f"kubedream: could not write progress.json: {exc}", file=sys.stderr)
+    return error.exit_code
+
+
 def _summary(progress: Progress) -> None:
     record = progress.record
     progress.say(f"checkpoint: {record['lastCheckpoint']}")
@@ -57,7 +69,11 @@ def _summary(progress: Progress) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train the job named by `args.job` on `args.device`; returns the exit code."""
+    """Train the job named by `args.job` on `args.device`; returns the exit code. With more
+    than one process asked for (--nproc-per-node, --nnodes), start them through torchrun's
+    launcher and return the group's code (`distributed.launch`)."""
+    if wants_launch(args):
+        return launch(args)
     try:
         job = load_job(args.job)
     except SpecError as exc:
@@ -66,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {problem}", file=sys.stderr)
         return int(ExitCode.INVALID_JOB)
     _quiet_libraries()
+    from torch.distributed import DistError
+
     from .loop import Outcome, train
     from .session import open_session
 
@@ -86,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
             except StorageError as exc:
                 ended = True
                 return _fail(session.progress, OutputError(str(exc)))
+            except DistError as exc:  # a collective failed: another rank is gone
+                ended = True
+                return _peer_lost(session.progress, peer_lost(exc))
             finally:
                 if not ended:  # a bug or a second Ctrl-C: the traceback follows
                     session.progress.phase(Phase.FAILED, "the trainer crashed; see its log")
@@ -95,6 +116,12 @@ def run(args: argparse.Namespace) -> int:
     except StorageError as exc:
         print(f"kubedream: {exc}", file=sys.stderr)
         return int(ExitCode.STORAGE)
+    except PeerLostError as exc:  # the group could not form, or broke outside the loop
+        print(f"kubedream: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except DistError as exc:
+        print(f"kubedream: {peer_lost(exc).message}", file=sys.stderr)
+        return PeerLostError.exit_code
     if outcome is Outcome.INTERRUPTED:
         return int(stop.exit_code)
     _summary(session.progress)

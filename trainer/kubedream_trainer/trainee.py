@@ -49,6 +49,18 @@ class Trainee:
     generator: torch.Generator
     """Noise, timesteps and latent sampling draw from this, and only this."""
     latent_cache: LatentCache | None
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+
+    def reseed_noise(self, step: int, micro_batch: int) -> None:
+        """Seed the noise generator for micro-batch `micro_batch` of optimizer step `step`
+        (0-based) from its slot in the step batch, micro_batch × world size + rank: ranks never
+        share noise, and a run with the same step batch on another number of ranks draws the
+        same noise for the same images (so its losses match, and resuming across world sizes
+        continues the same run)."""
+        slot = micro_batch * self.world_size + self.rank
+        self.generator.manual_seed(derive_seed("noise", self.seed, step, slot) % 2**63)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         params = list(self.components.unet.parameters())
@@ -67,7 +79,12 @@ class Trainee:
 
 
 def build(
-    components: Components, spec: TrainingSpec, device: torch.device, total_steps: int, rank: int
+    components: Components,
+    spec: TrainingSpec,
+    device: torch.device,
+    total_steps: int,
+    rank: int,
+    world_size: int = 1,
 ) -> Trainee:
     """Freeze what does not train, move to the device, create optimizer, schedule and EMA."""
     trains_text = bool(spec.text_encoder_learning_rate)
@@ -106,6 +123,9 @@ def build(
         ema=ema,
         generator=generator,
         latent_cache=LatentCache() if spec.cache_latents else None,
+        seed=spec.seed,
+        rank=rank,
+        world_size=world_size,
     )
 
 

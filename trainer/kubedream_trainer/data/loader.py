@@ -4,7 +4,7 @@ The training loop builds one `BatchLoader` per epoch from `plan_epoch`'s batches
 iterates it. Batches come out in plan order; up to `prefetch` batches are being decoded
 at once (PIL releases the GIL while decoding, so threads scale). Every random choice
 (flip, caption dropout, tag shuffle, substitute for a corrupt image) comes from a
-generator seeded by (seed, epoch, batch position, slot, image), so starting at
+generator seeded by (seed, epoch, batch id, slot, image), so starting at
 `start_batch` after a resume yields exactly the batches an uninterrupted run would have.
 
 An image that turns out corrupt only now (after the scan) does not stop training: another
@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -52,6 +53,13 @@ class Batch:
     """Indices into `dataset.images` actually loaded (a substitute's index when one was used)."""
     flipped: list[bool]
     """Whether each image was flipped horizontally."""
+    original_sizes: list[tuple[int, int]] = field(default_factory=list)
+    """(height, width) of each image as stored (after EXIF rotation): SDXL's size conditioning."""
+    crop_coords: list[tuple[int, int]] = field(default_factory=list)
+    """(top, left) where the bucket's crop starts in the image scaled to cover the bucket:
+    SDXL's crop conditioning."""
+    wait_s: float = 0.0
+    """Seconds the consumer waited for this batch to be decoded (0 when it was ready)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,13 @@ class _Sample:
     pixels: np.ndarray
     caption: str
     flipped: bool
+
+
+def crop_top_left(size: tuple[int, int], bucket: tuple[int, int]) -> tuple[int, int]:
+    """(top, left) of `images.cover_crop`'s centre crop, in the image scaled to cover
+    `bucket`; `size` and `bucket` are (width, height)."""
+    scale = max(bucket[0] / size[0], bucket[1] / size[1])
+    return round((size[1] * scale - bucket[1]) / 2), round((size[0] * scale - bucket[0]) / 2)
 
 
 def _to_pixels(img: Image.Image, flip: bool) -> np.ndarray:
@@ -85,6 +100,7 @@ class BatchLoader:
         workers: int = 4,
         prefetch: int = 4,
         start_batch: int = 0,
+        ids: Sequence[int] | None = None,
     ) -> None:
         if not 0 <= start_batch <= len(batches):
             raise ValueError(f"start_batch must be in [0, {len(batches)}], got {start_batch}")
@@ -103,6 +119,11 @@ class BatchLoader:
         self.workers = workers
         self.prefetch = prefetch
         self.start_batch = start_batch
+        self.ids = list(ids) if ids is not None else list(range(len(self.batches)))
+        """Each batch's id in the random derivations: its place in the epoch's global plan
+        (under torchrun, rank r's batch i is not the i-th of the epoch)."""
+        if len(self.ids) != len(self.batches):
+            raise ValueError(f"need one id per batch, got {len(self.ids)} for {len(self.batches)}")
         self.problems: list[Problem] = []
         """Images found corrupt while loading (each once), with what was substituted."""
         self._storage_settings = storage_settings
@@ -121,9 +142,12 @@ class BatchLoader:
         positions = range(self.start_batch, len(self.batches))
         if self.workers == 0:
             for position in positions:
-                yield self._assemble(
+                started = time.perf_counter()
+                batch = self._assemble(
                     [self._sample(position, slot) for slot in range(len(self.batches[position]))]
                 )
+                batch.wait_s = time.perf_counter() - started
+                yield batch
             return
         pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="kd-load")
         pending: deque[list[Future[_Sample]]] = deque()
@@ -137,9 +161,9 @@ class BatchLoader:
                     ]
                 )
                 if len(pending) >= self.prefetch:
-                    yield self._assemble([future.result() for future in pending.popleft()])
+                    yield self._collect(pending.popleft())
             while pending:
-                yield self._assemble([future.result() for future in pending.popleft()])
+                yield self._collect(pending.popleft())
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
@@ -173,7 +197,9 @@ class BatchLoader:
         image = self.dataset.images[index]
         group = self._groups.get((image.bucket, image.batch_id or ""), [])
         candidates = [i for i in group if i != index]
-        derive_rng("substitute", self.seed, self.epoch, position, slot, index).shuffle(candidates)
+        derive_rng("substitute", self.seed, self.epoch, self.ids[position], slot, index).shuffle(
+            candidates
+        )
         for candidate in candidates:  # a corrupt file stays corrupt, so this order is deterministic
             img = self._try_load(candidate)
             if img is not None:
@@ -186,7 +212,7 @@ class BatchLoader:
     def _sample(self, position: int, slot: int) -> _Sample:
         index, img = self._load_or_substitute(self.batches[position][slot], position, slot)
         image = self.dataset.images[index]
-        rng = derive_rng("load", self.seed, self.epoch, position, slot, index)
+        rng = derive_rng("load", self.seed, self.epoch, self.ids[position], slot, index)
         flip_p = self.spec.flip_p if image.flip_p is None else image.flip_p
         flipped = rng.random() < flip_p
         dropout = self.spec.cond_dropout if image.cond_dropout is None else image.cond_dropout
@@ -198,11 +224,22 @@ class BatchLoader:
             )
         return _Sample(index, _to_pixels(img, flipped), caption, flipped)
 
-    @staticmethod
-    def _assemble(samples: list[_Sample]) -> Batch:
+    def _collect(self, futures: list[Future[_Sample]]) -> Batch:
+        """Wait for a batch's samples, recording how long the consumer was kept waiting."""
+        started = time.perf_counter()
+        samples = [future.result() for future in futures]
+        waited = time.perf_counter() - started
+        batch = self._assemble(samples)
+        batch.wait_s = waited
+        return batch
+
+    def _assemble(self, samples: list[_Sample]) -> Batch:
+        records = [self.dataset.images[s.index] for s in samples]
         return Batch(
             pixel_values=torch.from_numpy(np.stack([s.pixels for s in samples])),
             captions=[s.caption for s in samples],
             indices=[s.index for s in samples],
             flipped=[s.flipped for s in samples],
+            original_sizes=[(r.height, r.width) for r in records],
+            crop_coords=[crop_top_left((r.width, r.height), r.bucket) for r in records],
         )

@@ -1,0 +1,186 @@
+"""Data-parallel training through torch.distributed (issue #9): process group, launch, debug.
+
+`kubedream train JOB --nproc-per-node N [--nnodes M --node-rank R --master-addr A]` with more
+than one process in all launches the workers through torchrun's own code
+(`torch.distributed.run`, elastic agent, static rendezvous), each running
+`python -m kubedream_trainer.cli train JOB`. torchrun alone exits 1 whatever failed; the
+launcher here maps a worker's permanent exit code (`contract.PERMANENT_EXIT_CODES`: 2 usage,
+3 diverged) and the other trainer codes (4, 75, 143, ...) through, so the operator's pod
+failure policy still fails a Job with bad input at once. A worker killed by a signal, or a
+lost peer, stays 1 (retryable: the Job restarts the whole group from the last checkpoint).
+
+Each worker calls `init_process_group` before the Accelerator exists: gloo on CPU, nccl on
+GPU, with `KUBEDREAM_DIST_TIMEOUT` seconds (default 600) as the collective timeout, so a
+rank that waits on a lost peer fails instead of hanging. `KUBEDREAM_DEBUG_BATCHES=<folder>`
+makes every rank append what each step trained (indices, loss) to
+`<folder>/rank-<r>.jsonl`; the distributed tests use it. Called by `train_cli`, `session`
+and `loop`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from .errors import JobError
+
+T = TypeVar("T")
+DEFAULT_TIMEOUT_S = 600.0
+PERMANENT_CODES = frozenset({2, 3})
+"""Mirrors `kubedream_operator.contract.PERMANENT_EXIT_CODES` (checked by a test)."""
+PASSED_THROUGH = frozenset({2, 3, 4, 75, 130, 143})
+"""Worker exit codes that mean the same thing for the whole group as for one process."""
+
+
+class PeerLostError(Exception):
+    """Another rank stopped answering (died, lost its node, timed out), or the group could not
+    be formed. Not a `TrainerError`: it exits 1, the retryable code (the Job restarts the
+    group from the last committed checkpoint)."""
+
+    exit_code = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def in_worker() -> bool:
+    """Whether this process was started by torchrun (or our launcher) as one rank."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def timeout_seconds() -> float:
+    raw = os.environ.get("KUBEDREAM_DIST_TIMEOUT", "")
+    if not raw:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise JobError(f"KUBEDREAM_DIST_TIMEOUT: must be a number of seconds > 0, got {raw!r}")
+    return value
+
+
+def init_process_group(device: torch.device) -> None:
+    """Join the torchrun group (no-op for one process or when already joined)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kwargs: dict[str, Any] = {}
+    if device.type == "cuda":
+        local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local)
+        kwargs["device_id"] = local
+    try:
+        dist.init_process_group(
+            backend=backend, timeout=timedelta(seconds=timeout_seconds()), **kwargs
+        )
+    except (RuntimeError, ValueError) as exc:
+        raise PeerLostError(
+            f"could not join the process group ({backend}, rank {os.environ.get('RANK')} of "
+            f"{os.environ.get('WORLD_SIZE')}, master {os.environ.get('MASTER_ADDR')}:"
+            f"{os.environ.get('MASTER_PORT')}): {exc}"
+        ) from None
+
+
+def peer_lost(exc: BaseException) -> PeerLostError:
+    """The message for a collective that failed because another rank went away."""
+    rank = os.environ.get("RANK", "?")
+    return PeerLostError(
+        f"rank {rank} lost the process group ({type(exc).__name__}: {str(exc).strip()[:300]}); "
+        "another training process died or stopped answering within KUBEDREAM_DIST_TIMEOUT "
+        f"({timeout_seconds():g} s). Starting the job again resumes from the last checkpoint"
+    )
+
+
+# --- the launcher ------------------------------------------------------------------------
+
+
+def wants_launch(args: argparse.Namespace) -> bool:
+    """More than one process asked for, and we are not one of them yet."""
+    procs = getattr(args, "nproc_per_node", 1) * getattr(args, "nnodes", 1)
+    return procs > 1 and not in_worker()
+
+
+def launch(args: argparse.Namespace) -> int:
+    """Run the workers through torchrun's code; returns the exit code for the pod."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    worker = [sys.executable, "-m", "kubedream_trainer.cli", "train", args.job]
+    if getattr(args, "device", None):
+        worker += ["--device", args.device]
+    torchrun = [
+        f"--nnodes={args.nnodes}",
+        f"--nproc-per-node={args.nproc_per_node}",
+        f"--node-rank={args.node_rank}",
+        f"--master-addr={args.master_addr}",
+        f"--master-port={args.master_port}",
+        "--max-restarts=0",  # the Job restarts the whole group; no in-pod restarts
+        "--no-python",
+        *worker,
+    ]
+    if args.nnodes == 1:
+        torchrun.insert(0, "--standalone")
+    try:
+        run(parse_args(torchrun))
+    except ChildFailedError as exc:
+        return exit_code_of(exc.failures)
+    except SignalException as exc:
+        return 128 + int(exc.sigval)
+    return 0
+
+
+def exit_code_of(failures: dict[int, Any]) -> int:
+    """One code for the group: a permanent one if any rank had it, else the first passed-through
+    code (4 storage, 75 lease, 143 interrupted), else 1 (a crash, a signal, a lost peer)."""
+    codes = [int(failures[rank].exitcode) for rank in sorted(failures)]
+    for code in codes:
+        if code in PERMANENT_CODES:
+            return code
+    for code in codes:
+        if code in PASSED_THROUGH:
+            return code
+    for code in codes:
+        if code < 0:
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+            print(f"kubedream: a training process was killed by {name}", file=sys.stderr)
+            break
+    return 1
+
+
+# --- debug record ------------------------------------------------------------------------
+
+
+def record_step(rank: int, step: int, epoch: int, indices: list[list[int]], loss: float) -> None:
+    """With KUBEDREAM_DEBUG_BATCHES set, append one JSON line per optimizer step for this rank."""
+    folder = os.environ.get("KUBEDREAM_DEBUG_BATCHES")
+    if not folder:
+        return
+    path = Path(folder) / f"rank-{rank}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = {"rank": rank, "step": step, "epoch": epoch, "indices": indices, "loss": loss}
+    with path.open("a") as fh:
+        fh.write(json.dumps(line) + "\n")
+
+
+def shared_choice(pick: Callable[[], T]) -> T:
+    """Rank 0's `pick()`, on every rank (`pick` runs on each rank; only rank 0's result counts)."""
+    value = pick()
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
