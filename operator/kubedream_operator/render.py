@@ -148,26 +148,28 @@ def master_address(owner: Owner) -> str:
 def trainer_command(owner: Owner, spec: FineTuneJobSpec) -> list[str]:
     """The container command.
 
-    One process: `kubedream train /etc/kubedream/job.yaml`. Several: torchrun with static
-    rendezvous; the node rank is the pod's completion index, which the Job controller puts
-    in JOB_COMPLETION_INDEX and the kubelet expands in `$(...)`. Static rendezvous means a
-    lost pod stops the world; the replacement pods restart it from the last checkpoint.
+    One process: `kubedream train /etc/kubedream/job.yaml`. Several: the same command with
+    torchrun's topology flags; `kubedream train` then starts its processes through torchrun's
+    launcher (static rendezvous) and, unlike bare torchrun, exits with a failed worker's own
+    code where it means something (2 bad input, 3 diverged, 143 interrupted), so the pod
+    failure policy still tells them apart. The node rank is the pod's completion index, which
+    the Job controller puts in JOB_COMPLETION_INDEX and the kubelet expands in `$(...)`.
+    Static rendezvous means a lost pod stops the world; the replacement pods restart it from
+    the last checkpoint.
     """
-    train = ["train", contract.JOB_PATH]
+    train = ["kubedream", "train", contract.JOB_PATH]
     if not is_distributed(spec):
-        return ["kubedream", *train]
+        return train
     nproc = max(spec.resources.gpus_per_node, 1)
-    module = ["-m", "kubedream_trainer.cli", *train]
     if spec.resources.nodes == 1:
-        return ["torchrun", "--standalone", "--nnodes=1", f"--nproc-per-node={nproc}", *module]
+        return [*train, f"--nproc-per-node={nproc}"]
     return [
-        "torchrun",
-        f"--nnodes={spec.resources.nodes}",
+        *train,
         f"--nproc-per-node={nproc}",
+        f"--nnodes={spec.resources.nodes}",
         "--node-rank=$(JOB_COMPLETION_INDEX)",
         f"--master-addr={master_address(owner)}",
         f"--master-port={contract.MASTER_PORT}",
-        *module,
     ]
 
 

@@ -167,10 +167,13 @@ def test_multi_node_objects() -> None:
     pod = job["template"]["spec"]
     assert pod["subdomain"] == "sdxl-multinode"
     assert pod["containers"][0]["image"] == "registry.example.com/kubedream/trainer:0.1.0"
-    assert pod["containers"][0]["command"][:6] == [
-        "torchrun",
-        "--nnodes=4",
+    # kubedream train launches torchrun itself and keeps a failed worker's exit code.
+    assert pod["containers"][0]["command"] == [
+        "kubedream",
+        "train",
+        "/etc/kubedream/job.yaml",
         "--nproc-per-node=8",
+        "--nnodes=4",
         "--node-rank=$(JOB_COMPLETION_INDEX)",
         "--master-addr=sdxl-multinode-0.sdxl-multinode.ml.svc",
         "--master-port=29500",
@@ -180,17 +183,13 @@ def test_multi_node_objects() -> None:
     assert service["spec"]["selector"].items() <= job["template"]["metadata"]["labels"].items()
 
 
-def test_single_node_multi_gpu_uses_standalone_torchrun() -> None:
+def test_single_node_multi_gpu_launches_one_process_per_gpu() -> None:
     spec = parse_spec(minimal_spec(resources={"gpusPerNode": 4}))
     assert trainer_command(Owner("j", "ns"), spec) == [
-        "torchrun",
-        "--standalone",
-        "--nnodes=1",
-        "--nproc-per-node=4",
-        "-m",
-        "kubedream_trainer.cli",
+        "kubedream",
         "train",
         "/etc/kubedream/job.yaml",
+        "--nproc-per-node=4",
     ]
 
 
