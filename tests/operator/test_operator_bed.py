@@ -6,236 +6,28 @@ agent runs, with the controller-manager's Job controller and garbage collector d
 from __future__ import annotations
 
 import copy
-import os
-import signal
-import socket
-import subprocess
-import sys
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from kubedream_operator.crd import CRD_NAME, build_crd
-from kubedream_operator.devbed.bed import BedInfo, tail
-from kubedream_operator.devbed.rest import MERGE, KubeRest
+from kubedream_operator.devbed.bed import BedInfo
 from kubedream_operator.render import OperatorDefaults, Owner, render_children
-from kubedream_operator.spec import API_VERSION, parse_spec
+from kubedream_operator.spec import parse_spec
 from tests.plugins.bed import wait_for
 
+from .bed_support import Jobs, Operator
 from .helpers import minimal_spec
 
 pytestmark = pytest.mark.testbed
-
-CRDS = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
-STATUS_INTERVAL = "1"
-KUBEDREAM = Path(sys.executable).with_name("kubedream")
-
-
-def _condition(obj: dict[str, Any], kind: str) -> bool:
-    return any(
-        c.get("type") == kind and c.get("status") == "True"
-        for c in (obj.get("status") or {}).get("conditions") or ()
-    )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 def _http(url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as response:
         text: str = response.read().decode()
     return text
-
-
-def _get_or_none(rest: KubeRest, path: str) -> dict[str, Any] | None:
-    try:
-        return rest.get(path)
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
-
-
-@pytest.fixture(scope="module")
-def crd(bed: BedInfo) -> dict[str, Any]:
-    """The generated CRD, created (or replaced) in the bed and established."""
-    rest = bed.rest()
-    wanted = build_crd()
-    existing = _get_or_none(rest, f"{CRDS}/{CRD_NAME}")
-    if existing is None:
-        rest.post(CRDS, wanted)
-    else:
-        wanted["metadata"]["resourceVersion"] = existing["metadata"]["resourceVersion"]
-        rest.request("PUT", f"{CRDS}/{CRD_NAME}", wanted)
-    return wait_for(
-        lambda: (lambda c: c if _condition(c, "Established") else None)(
-            rest.get(f"{CRDS}/{CRD_NAME}")
-        ),
-        30,
-        "the FineTuneJob CRD to be established",
-    )
-
-
-class Jobs:
-    """FineTuneJobs and their children in one namespace, through the bed's REST client."""
-
-    def __init__(self, bed: BedInfo, namespace: str) -> None:
-        self.rest = bed.rest()
-        self.ns = namespace
-        self.base = f"/apis/{API_VERSION}/namespaces/{namespace}/finetunejobs"
-
-    def manifest(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "apiVersion": API_VERSION,
-            "kind": "FineTuneJob",
-            "metadata": {"name": name},
-            "spec": spec,
-        }
-
-    def create(self, name: str, spec: dict[str, Any], dry_run: bool = False) -> dict[str, Any]:
-        body = self.manifest(name, spec)
-        if dry_run:
-            return self.rest.request("POST", self.base, body, query={"dryRun": "All"})
-        # A CRD just established may take a moment to be served.
-        return wait_for(lambda: self._post_when_served(body), 20, "the FineTuneJob API")
-
-    def _post_when_served(self, body: dict[str, Any]) -> dict[str, Any] | None:
-        try:
-            return self.rest.post(self.base, body)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-
-    def get(self, name: str) -> dict[str, Any] | None:
-        return _get_or_none(self.rest, f"{self.base}/{name}")
-
-    def patch_spec(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
-        return self.rest.patch(f"{self.base}/{name}", {"spec": spec}, content_type=MERGE)
-
-    def delete(self, name: str) -> None:
-        self.rest.delete(f"{self.base}/{name}")
-
-    def status(self, name: str) -> dict[str, Any]:
-        return (self.get(name) or {}).get("status") or {}
-
-    def phase(self, name: str) -> str | None:
-        phase: str | None = self.status(name).get("phase")
-        return phase
-
-    def job(self, name: str) -> dict[str, Any] | None:
-        return _get_or_none(self.rest, f"/apis/batch/v1/namespaces/{self.ns}/jobs/{name}")
-
-    def config_map(self, name: str) -> dict[str, Any] | None:
-        return _get_or_none(self.rest, f"/api/v1/namespaces/{self.ns}/configmaps/{name}-spec")
-
-    def service(self, name: str) -> dict[str, Any] | None:
-        return _get_or_none(self.rest, f"/api/v1/namespaces/{self.ns}/services/{name}")
-
-    def pods(self, name: str) -> list[dict[str, Any]]:
-        items: list[dict[str, Any]] = self.rest.get(
-            f"/api/v1/namespaces/{self.ns}/pods", labelSelector=f"kubedream.io/job={name}"
-        )["items"]
-        return items
-
-    def live_pods(self, name: str) -> list[dict[str, Any]]:
-        return [p for p in self.pods(name) if p["status"].get("phase") in ("Pending", "Running")]
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        items: list[dict[str, Any]] = self.rest.get(
-            f"/api/v1/namespaces/{self.ns}/events",
-            fieldSelector=f"involvedObject.name={name},involvedObject.kind=FineTuneJob",
-        )["items"]
-        return items
-
-    def secret(self, name: str, data: dict[str, str]) -> None:
-        self.rest.post(
-            f"/api/v1/namespaces/{self.ns}/secrets",
-            {"metadata": {"name": name}, "stringData": data},
-        )
-
-
-class Operator:
-    """`kubedream operator -n NAMESPACE` as a subprocess, pointed at the bed."""
-
-    def __init__(self, bed: BedInfo, namespace: str, log: Path) -> None:
-        self.bed, self.namespace, self.log = bed, namespace, log
-        self.process: subprocess.Popen[bytes] | None = None
-        self.metrics_port = _free_port()
-        self.health_port = _free_port()
-
-    def start(self) -> None:
-        env = {
-            **os.environ,
-            **self.bed.env,
-            "KUBEDREAM_STATUS_INTERVAL": STATUS_INTERVAL,
-            "KUBEDREAM_HANDLER_RETRIES": "5",
-        }
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(
-                [
-                    str(KUBEDREAM),
-                    "operator",
-                    "-n",
-                    self.namespace,
-                    "--metrics-port",
-                    str(self.metrics_port),
-                    "--health-port",
-                    str(self.health_port),
-                    "--trainer-image",
-                    "kubedream-trainer:bed",
-                ],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def kill(self) -> None:
-        """SIGKILL: no cleanup, no final status write, as when a node dies."""
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
-        self.process = None
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.process = None
-
-    def tail(self) -> str:
-        return tail(self.log, 60)
-
-
-@pytest.fixture
-def jobs(bed: BedInfo, namespace: str, crd: dict[str, Any]) -> Jobs:
-    return Jobs(bed, namespace)
-
-
-@pytest.fixture
-def operator(
-    bed: BedInfo, namespace: str, crd: dict[str, Any], tmp_path: Path
-) -> Iterator[Operator]:
-    running = Operator(bed, namespace, tmp_path / "operator.log")
-    running.start()
-    try:
-        yield running
-    finally:
-        running.stop()
-        # Shown by pytest only when the test failed.
-        print(f"--- operator log (last lines) ---\n{running.tail()}")
 
 
 def _bed_spec(bed: BedInfo, **overrides: Any) -> dict[str, Any]:
