@@ -80,7 +80,7 @@ def test_zero_terminal_snr_inference_scheduler() -> None:
     assert ddim == {"_class_name": "DDIMScheduler", "prediction_type": "epsilon"}
 
 
-def test_an_sdxl_folder_is_refused_for_now(tmp_path: Path) -> None:
+def test_an_sdxl_folder_is_detected_and_a_wrong_family_refused(tmp_path: Path) -> None:
     folder = tmp_path / "sdxl"
     for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         (folder / name).mkdir(parents=True)
@@ -88,6 +88,11 @@ def test_an_sdxl_folder_is_refused_for_now(tmp_path: Path) -> None:
         json.dumps({"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]})
     )
     (folder / "scheduler/scheduler_config.json").write_text("{}")
+    with pytest.raises(JobError, match=r"lacks the folder\(s\) text_encoder_2, tokenizer_2"):
+        resolve_model_dir(str(folder))
+    for name in ("text_encoder_2", "tokenizer_2"):
+        (folder / name).mkdir()
     assert resolve_model_dir(str(folder)) == folder
-    with pytest.raises(JobError, match=r"spec\.model\.family: SDXL training is not supported yet"):
-        load_components(folder, ModelSpec(base=str(folder)), False)
+    assert detect_family(folder) == "sdxl"
+    with pytest.raises(JobError, match=r"spec\.model\.family: sd1 does not fit"):
+        load_components(folder, ModelSpec(base=str(folder), family="sd1"), False)

@@ -4,8 +4,11 @@ Checkpoints carry a `model.safetensors` in the key layout of the original CompVi
 repositories, which ComfyUI, AUTOMATIC1111 and `StableDiffusionPipeline.from_single_file`
 read: `model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE) and
 `cond_stage_model.transformer.*` (SD1, OpenAI CLIP) or `cond_stage_model.model.*` (SD2,
-OpenCLIP). Modelled on diffusers' `scripts/convert_diffusers_to_original_stable_diffusion.py`,
-but derived from the model configs instead of hard-coded SD1.5 block counts, so the tiny
+OpenCLIP); SDXL files hold `conditioner.embedders.0.transformer.*` (CLIP-L) and
+`conditioner.embedders.1.model.*` (CLIP-G in OpenCLIP's layout, with its text projection)
+and the UNet's `label_emb` (the size/pooled-text embedding). Modelled on diffusers'
+`scripts/convert_diffusers_to_original_stable_diffusion.py` and
+`convert_diffusers_to_original_sdxl.py`, but derived from the model configs instead of hard-coded SD1.5 block counts, so the tiny
 models convert by the same code as the real ones.
 
 Known difference from a file released by Stability: SD2's diffusers text encoder has already
@@ -40,6 +43,8 @@ _UNET_TOP = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    "add_embedding.linear_1": "label_emb.0.0",  # SDXL's "text_time" embedding
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 
 
@@ -155,14 +160,16 @@ def convert_vae(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) ->
     return out
 
 
-def convert_clip(state: Mapping[str, torch.Tensor]) -> StateDict:
-    """OpenAI CLIPTextModel (SD1) -> `cond_stage_model.transformer.text_model.*`."""
+def convert_clip(
+    state: Mapping[str, torch.Tensor], prefix: str = "cond_stage_model.transformer."
+) -> StateDict:
+    """OpenAI CLIPTextModel (SD1; SDXL's first encoder) -> `<prefix>text_model.*`."""
     out: StateDict = {}
     for key, tensor in state.items():
         if key.endswith("position_ids"):
             continue
         inner = key if key.startswith("text_model.") else "text_model." + key
-        out["cond_stage_model.transformer." + inner] = tensor
+        out[prefix + inner] = tensor
     return out
 
 
@@ -175,9 +182,13 @@ _OPENCLIP_LAYER = [
 ]
 
 
-def convert_open_clip(state: Mapping[str, torch.Tensor]) -> StateDict:
-    """OpenCLIP text encoder as diffusers stores it (SD2) -> `cond_stage_model.model.*`,
-    fusing q/k/v projections into `attn.in_proj_*` as OpenCLIP's MultiheadAttention holds them."""
+def convert_open_clip(
+    state: Mapping[str, torch.Tensor], prefix: str = "cond_stage_model.model."
+) -> StateDict:
+    """OpenCLIP text encoder as diffusers stores it (SD2; SDXL's second encoder) ->
+    `<prefix>*`, fusing q/k/v projections into `attn.in_proj_*` as OpenCLIP's
+    MultiheadAttention holds them. A `CLIPTextModelWithProjection`'s projection becomes
+    `text_projection`, transposed (OpenCLIP multiplies `x @ text_projection`)."""
     flat = {
         k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")
     }
@@ -190,37 +201,51 @@ def convert_open_clip(state: Mapping[str, torch.Tensor]) -> StateDict:
     }
     for key, tensor in flat.items():
         if key in top:
-            out["cond_stage_model.model." + top[key]] = tensor
+            out[prefix + top[key]] = tensor
+            continue
+        if key == "text_projection.weight":
+            out[prefix + "text_projection"] = tensor.T.contiguous()
             continue
         if not key.startswith("encoder.layers."):
             raise ValueError(f"text encoder key {key!r} has no OpenCLIP equivalent")
         index, _, rest = key.removeprefix("encoder.layers.").partition(".")
-        prefix = f"cond_stage_model.model.transformer.resblocks.{index}."
+        block = f"{prefix}transformer.resblocks.{index}."
         if rest.startswith(("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.")):
             kind = rest.rpartition(".")[2]
             if rest.startswith("self_attn.q_proj."):
                 parts = [flat[f"encoder.layers.{index}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
-                out[prefix + f"attn.in_proj_{kind}"] = torch.cat(parts, dim=0)
+                out[block + f"attn.in_proj_{kind}"] = torch.cat(parts, dim=0)
             continue
         for new, old in _OPENCLIP_LAYER:
             if rest.startswith(new + "."):
                 rest = old + rest[len(new) :]
                 break
-        out[prefix + rest] = tensor
+        out[block + rest] = tensor
     return out
 
 
 def original_state_dict(
     unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module, family: str
 ) -> StateDict:
-    """The whole pipeline in the original single-file layout (contiguous CPU tensors)."""
+    """The whole pipeline in the original single-file layout (contiguous CPU tensors). For
+    SDXL `text_encoder` is the `sdxl.SDXLTextEncoders` pair."""
     unet_config: Mapping[str, Any] = unet.config  # type: ignore[assignment]
     vae_config: Mapping[str, Any] = vae.config  # type: ignore[assignment]
-    text = text_encoder.state_dict()
+    if family == "sdxl":
+        first = text_encoder.get_submodule("text_encoder").state_dict()
+        second = text_encoder.get_submodule("text_encoder_2").state_dict()
+        text = {
+            **convert_clip(first, "conditioner.embedders.0.transformer."),
+            **convert_open_clip(second, "conditioner.embedders.1.model."),
+        }
+    elif family == "sd2":
+        text = convert_open_clip(text_encoder.state_dict())
+    else:
+        text = convert_clip(text_encoder.state_dict())
     merged = {
         **convert_unet(unet.state_dict(), unet_config),
         **convert_vae(vae.state_dict(), vae_config),
-        **(convert_open_clip(text) if family == "sd2" else convert_clip(text)),
+        **text,
     }
     return {k: v.detach().to("cpu").contiguous() for k, v in merged.items()}
 

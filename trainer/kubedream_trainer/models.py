@@ -2,11 +2,11 @@
 
 Every base model, tiny or real, is a diffusers folder read with `from_pretrained`:
 `resolve_model_dir` turns `spec.model.base` into such a folder, `load_components` loads the
-UNet, VAE, text encoder, tokenizer and schedulers and settles the family (sd1/sd2) and the
-prediction type. `encode_prompt` is the one place that turns captions into UNet
-conditioning, returning extra UNet keyword arguments alongside the hidden states: SDXL
-(two text encoders, pooled embeddings, `added_cond_kwargs` with time ids) will slot in
-there and in `Components` without reshaping the loop.
+UNet, VAE, text encoder(s), tokenizer(s) and schedulers and settles the family
+(sd1/sd2/sdxl) and the prediction type. `encode_prompt` is the one place that turns
+captions into UNet conditioning, returning extra UNet keyword arguments alongside the
+hidden states: for SDXL (see `sdxl`) the `added_cond_kwargs` with the pooled embedding and
+the size/crop time ids.
 
 Called by `loop` (training), `samples` and `checkpoint` (export).
 """
@@ -24,11 +24,13 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from kubedream_operator.spec import TINY_MODEL, TINY_SDXL_MODEL, ModelSpec
 
+from . import sdxl
 from .errors import JobError
+from .sdxl import SDXLTextEncoders
 from .tiny import tiny_model_dir
 
 Family = Literal["sd1", "sd2", "sdxl"]
@@ -43,7 +45,8 @@ class Components:
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
-    text_encoder: CLIPTextModel
+    text_encoder: CLIPTextModel | SDXLTextEncoders
+    """SD1/SD2: the CLIP text model. SDXL: both encoders in one module."""
     tokenizer: CLIPTokenizer
     noise_scheduler: DDPMScheduler
     """The training noise schedule (zero-terminal-SNR rescaled when asked)."""
@@ -52,8 +55,10 @@ class Components:
     family: Family
     prediction_type: PredictionType
     model_dir: Path
+    tokenizer_2: CLIPTokenizer | None = None
+    """SDXL's second tokenizer (OpenCLIP's padding); None for SD1/SD2."""
     extra: dict[str, Any] = field(default_factory=dict)
-    """Room for SDXL's second text encoder and tokenizer."""
+    """Room for what a future family adds."""
 
 
 @dataclass
@@ -69,16 +74,10 @@ def resolve_model_dir(
     base: str, storage_settings: object | None = None, family: str = "auto"
 ) -> Path:
     """`spec.model.base` as a local diffusers folder (built for `tiny`)."""
+    if base == TINY_SDXL_MODEL or (base == TINY_MODEL and family == "sdxl"):
+        return tiny_model_dir("sdxl")
     if base == TINY_MODEL:
-        if family == "sdxl":
-            raise JobError(
-                "spec.model.family: the tiny model is sd1 or sd2; tiny SDXL is not supported yet"
-            )
         return tiny_model_dir("sd2" if family == "sd2" else "sd1")
-    if base == TINY_SDXL_MODEL:
-        raise JobError(
-            "spec.model.base: tiny-sdxl is not supported by the trainer yet (SDXL training is planned)"
-        )
     if base.startswith("s3://"):
         return _fetch_remote_model(base, storage_settings)
     path = Path(base).expanduser()
@@ -89,7 +88,10 @@ def resolve_model_dir(
             f"spec.model.base: {path / 'model_index.json'} not found; expected a diffusers folder "
             "with model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/"
         )
-    missing = [name for name in _SUBFOLDERS if not (path / name).is_dir()]
+    wanted: tuple[str, ...] = _SUBFOLDERS
+    if detect_family(path) == "sdxl":
+        wanted += ("text_encoder_2", "tokenizer_2")
+    missing = [name for name in wanted if not (path / name).is_dir()]
     if missing:
         raise JobError(f"spec.model.base: {path} lacks the folder(s) {', '.join(missing)}")
     return path
@@ -103,10 +105,13 @@ def _fetch_remote_model(uri: str, storage_settings: object | None) -> Path:
 
 
 def detect_family(model_dir: Path) -> Family:
-    """sdxl when the folder has a second text encoder; sd2 when its text encoder is OpenCLIP
-    (GELU activations); otherwise sd1 (OpenAI CLIP, quick-GELU)."""
+    """sdxl when the folder has a second text encoder (or model_index names an SDXL
+    pipeline); sd2 when its text encoder is OpenCLIP (GELU activations); otherwise sd1
+    (OpenAI CLIP, quick-GELU)."""
     index = json.loads((model_dir / "model_index.json").read_text())
-    if (index.get("text_encoder_2") or [None])[0] is not None:
+    if (index.get("text_encoder_2") or [None])[0] is not None or str(
+        index.get("_class_name", "")
+    ).startswith("StableDiffusionXL"):
         return "sdxl"
     config = json.loads((model_dir / "text_encoder" / "config.json").read_text())
     return "sd2" if config.get("hidden_act") == "gelu" else "sd1"
@@ -152,10 +157,12 @@ def inference_scheduler_config(
 
 def load_components(model_dir: Path, spec: ModelSpec, zero_terminal_snr: bool) -> Components:
     """Load every component from a diffusers folder; a broken folder is a JobError naming the part."""
-    family: Family = detect_family(model_dir) if spec.family == "auto" else spec.family
-    if family == "sdxl":
+    detected = detect_family(model_dir)
+    family: Family = detected if spec.family == "auto" else spec.family
+    if (family == "sdxl") != (detected == "sdxl"):
         raise JobError(
-            "spec.model.family: SDXL training is not supported yet; use an SD1 or SD2 model"
+            f"spec.model.family: {family} does not fit {model_dir}, which holds an "
+            f"{'SDXL' if detected == 'sdxl' else 'SD1/SD2'} model; use family auto"
         )
 
     def load(name: str, loader: Any) -> Any:
@@ -175,11 +182,20 @@ def load_components(model_dir: Path, spec: ModelSpec, zero_terminal_snr: bool) -
         prediction_type=prediction_type,
         rescale_betas_zero_snr=zero_terminal_snr,
     )
+    clip: CLIPTextModel = load("text_encoder", CLIPTextModel.from_pretrained)
+    text_encoder: CLIPTextModel | SDXLTextEncoders = clip
+    tokenizer_2 = None
+    if family == "sdxl":
+        text_encoder = SDXLTextEncoders(
+            clip, load("text_encoder_2", CLIPTextModelWithProjection.from_pretrained)
+        )
+        tokenizer_2 = load("tokenizer_2", CLIPTokenizer.from_pretrained)
     return Components(
         unet=load("unet", UNet2DConditionModel.from_pretrained),
         vae=load("vae", AutoencoderKL.from_pretrained),
-        text_encoder=load("text_encoder", CLIPTextModel.from_pretrained),
+        text_encoder=text_encoder,
         tokenizer=load("tokenizer", CLIPTokenizer.from_pretrained),
+        tokenizer_2=tokenizer_2,
         noise_scheduler=noise_scheduler,
         inference_scheduler_config=inference_scheduler_config(
             scheduler_config, prediction_type, zero_terminal_snr
@@ -204,10 +220,20 @@ def encode_prompt(
     captions: list[str],
     device: torch.device,
     text_encoder: torch.nn.Module | None = None,
+    add_time_ids: torch.Tensor | None = None,
 ) -> Conditioning:
     """Tokenize (padded to the model's 77 tokens) and encode captions; "" is the unconditional
     caption that condition dropout trains. `text_encoder` overrides the component (a
-    DDP-wrapped copy while it trains)."""
+    DDP-wrapped copy while it trains). SDXL also needs `add_time_ids` ([B, 6], see
+    `sdxl.time_ids`)."""
+    encoder = text_encoder if text_encoder is not None else components.text_encoder
+    if components.family == "sdxl":
+        if add_time_ids is None or components.tokenizer_2 is None:
+            raise ValueError("SDXL conditioning needs add_time_ids and the second tokenizer")
+        hidden, kwargs = sdxl.encode(
+            encoder, components.tokenizer, components.tokenizer_2, captions, add_time_ids, device
+        )
+        return Conditioning(encoder_hidden_states=hidden, unet_kwargs=kwargs)
     tokens = components.tokenizer(
         captions,
         padding="max_length",
@@ -215,6 +241,5 @@ def encode_prompt(
         truncation=True,
         return_tensors="pt",
     )
-    encoder = text_encoder if text_encoder is not None else components.text_encoder
     hidden = encoder(tokens.input_ids.to(device)).last_hidden_state
     return Conditioning(encoder_hidden_states=hidden)

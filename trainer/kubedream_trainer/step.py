@@ -18,7 +18,7 @@ from accelerate import Accelerator
 
 from kubedream_operator.spec import TrainingSpec
 
-from . import latents, losses
+from . import latents, losses, sdxl
 from .data.loader import Batch
 from .errors import DivergedError
 from .models import Components, encode_prompt
@@ -42,8 +42,11 @@ def micro_batch_loss(
     cache_keys: list[tuple[int, bool]],
     spec: TrainingSpec,
     accelerator: Accelerator,
+    size_conditioning: tuple[list[sdxl.Size], list[sdxl.Size]] | None = None,
 ) -> torch.Tensor:
-    """The diffusion loss of one micro-batch (not yet backpropagated)."""
+    """The diffusion loss of one micro-batch (not yet backpropagated). SDXL conditions on
+    `size_conditioning` = (original sizes, crop top-lefts); without it each image counts as
+    uncropped at the trained size."""
     components: Components = trainee.components
     generator = trainee.generator
     scheduler = components.noise_scheduler
@@ -53,10 +56,18 @@ def micro_batch_loss(
     timesteps = losses.sample_timesteps(clean.shape[0], scheduler, generator)
     noisy = scheduler.add_noise(clean, noise, cast(torch.IntTensor, timesteps))
     target = losses.training_target(scheduler, clean, noise, timesteps)
+    add_time_ids = None
+    if components.family == "sdxl":
+        target_size = (pixel_values.shape[-2], pixel_values.shape[-1])
+        originals, crops = size_conditioning or (
+            [target_size] * len(captions),
+            [(0, 0)] * len(captions),
+        )
+        add_time_ids = sdxl.time_ids(originals, crops, target_size)
     with accelerator.autocast():
         with torch.set_grad_enabled(trainee.text_encoder_trains):
             conditioning = encode_prompt(
-                components, captions, accelerator.device, trainee.text_encoder
+                components, captions, accelerator.device, trainee.text_encoder, add_time_ids
             )
         prediction = trainee.unet(
             noisy, timesteps, conditioning.encoder_hidden_states, **conditioning.unet_kwargs
@@ -85,6 +96,7 @@ def optimizer_step(
                 list(zip(batch.indices, batch.flipped, strict=True)),
                 spec,
                 accelerator,
+                (batch.original_sizes, batch.crop_coords) if batch.original_sizes else None,
             )
             checked = (
                 accelerator.reduce(loss.detach(), "mean")

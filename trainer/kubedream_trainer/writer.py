@@ -20,8 +20,12 @@ import diffusers
 import torch
 from accelerate.utils import gather_object
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
+    StableDiffusionXLPipeline,
+)
 from diffusers.training_utils import EMAModel
 
+from . import sdxl
 from .checkpoint import Checkpoint, CheckpointExistsError
 from .config import spec_hash
 from .export import original_state_dict, save_single_file
@@ -50,14 +54,21 @@ def ema_weights(unet: torch.nn.Module, ema: EMAModel | None) -> Iterator[None]:
         ema.restore(unet.parameters())
 
 
-def export_pipeline(components: Components) -> StableDiffusionPipeline:
-    """A pipeline over the in-memory components (no copies), for saving and sampling."""
+def export_pipeline(
+    components: Components,
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """A pipeline over the in-memory components (no copies), for saving and sampling:
+    StableDiffusionXLPipeline for SDXL, StableDiffusionPipeline otherwise."""
+    scheduler = build_inference_scheduler(components.inference_scheduler_config)
+    text_encoder = components.text_encoder
+    if isinstance(text_encoder, sdxl.SDXLTextEncoders):
+        return sdxl.pipeline(components, scheduler)
     return StableDiffusionPipeline(
         vae=components.vae,
-        text_encoder=components.text_encoder,
+        text_encoder=text_encoder,
         tokenizer=components.tokenizer,
         unet=components.unet,
-        scheduler=build_inference_scheduler(components.inference_scheduler_config),  # type: ignore[arg-type]
+        scheduler=scheduler,  # type: ignore[arg-type]
         safety_checker=None,  # type: ignore[arg-type]
         feature_extractor=None,  # type: ignore[arg-type]
         requires_safety_checker=False,
