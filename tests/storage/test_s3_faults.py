@@ -17,7 +17,7 @@ from kubedream_operator.devbed.minio import StandaloneMinio
 from kubedream_operator.spec import StorageSpec
 from kubedream_trainer.storage import StorageError
 from kubedream_trainer.storage.retry import RetryPolicy
-from kubedream_trainer.storage.s3 import S3Storage
+from kubedream_trainer.storage.s3 import S3Storage, make_client
 
 pytestmark = [pytest.mark.testbed, pytest.mark.timeout(180)]
 
@@ -37,6 +37,7 @@ def storage(own_minio: StandaloneMinio, monkeypatch: pytest.MonkeyPatch) -> S3St
     return S3Storage(
         "s3://faults/data",
         settings,
+        make_client(settings, shared=False),  # the tests hook into its events
         transfer=SMALL_PARTS,
         retry=RetryPolicy(budget_s=60, first_delay_s=0.5, max_delay_s=2),
     )

@@ -19,7 +19,7 @@ from kubedream_trainer.storage import (
     StorageError,
     open_storage,
 )
-from kubedream_trainer.storage.s3 import S3Storage, expected_etag
+from kubedream_trainer.storage.s3 import S3Storage, expected_etag, make_client
 
 pytestmark = [pytest.mark.testbed, pytest.mark.timeout(120)]
 
@@ -30,7 +30,9 @@ SMALL_PARTS = TransferConfig(
 
 
 def _count_calls(storage: S3Storage, operation: str) -> list[dict[str, Any]]:
-    """Record the parameters of every `operation` request the storage's client sends."""
+    """Record the parameters of every `operation` request the storage sends (through a client
+    of its own, as clients are shared between storages)."""
+    storage.client = make_client(storage.settings, shared=False)
     calls: list[dict[str, Any]] = []
 
     def record(params: dict[str, Any], **_: Any) -> None:
@@ -96,7 +98,7 @@ def test_multipart_upload_above_the_threshold_is_verified_and_reads_back(
 def test_an_upload_that_does_not_match_the_local_file_is_reported(
     bucket: str, settings: StorageSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    storage = S3Storage(f"s3://{bucket}/v", settings)
+    storage = S3Storage(f"s3://{bucket}/v", settings, make_client(settings, shared=False))
     path = tmp_path / "f.bin"
     path.write_bytes(b"abc")
     # The file changes between hashing and uploading: what landed is not what was hashed.
@@ -184,8 +186,8 @@ def test_wrong_credentials_fail_at_once_naming_what_to_fix(
     bucket: str, settings: StorageSpec, bed: BedInfo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
-    storage = open_storage(f"s3://{bucket}/data", settings)
-    calls = _count_calls(storage, "HeadBucket")  # type: ignore[arg-type]
+    storage = S3Storage(f"s3://{bucket}/data", settings)
+    calls = _count_calls(storage, "HeadBucket")
     with pytest.raises(StorageAccessError) as caught:
         storage.check_access(require="")
     message = str(caught.value)
