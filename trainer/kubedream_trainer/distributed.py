@@ -171,7 +171,14 @@ def record_step(rank: int, step: int, epoch: int, indices: list[list[int]], loss
         return
     path = Path(folder) / f"rank-{rank}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = {"rank": rank, "step": step, "epoch": epoch, "indices": indices, "loss": loss}
+    line = {
+        "rank": rank,
+        "pid": os.getpid(),
+        "step": step,
+        "epoch": epoch,
+        "indices": indices,
+        "loss": loss,
+    }
     with path.open("a") as fh:
         fh.write(json.dumps(line) + "\n")
 

@@ -77,7 +77,9 @@ def train(session: Session, stop: StopRequest) -> Outcome:
         return Outcome.ALREADY_FINISHED
 
     progress.phase(Phase.STARTING, f"loading the model {spec.model.base}")
-    model_dir = resolve_model_dir(spec.model.base, spec.storage, spec.model.family)
+    # One process per node fills the model cache (tiny build, s3:// download); then the others.
+    with session.accelerator.local_main_process_first():
+        model_dir = resolve_model_dir(spec.model.base, spec.storage, spec.model.family)
     components = load_components(model_dir, spec.model, training.zero_terminal_snr)
     trainee = trainees.build(
         components, training, session.device, schedule.total_steps, rank, world_size

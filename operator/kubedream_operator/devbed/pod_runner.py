@@ -29,6 +29,7 @@ from .podspec import (
     container_mounts,
     expand,
     materialize_volumes,
+    resolve_service_names,
     rewriter,
 )
 
@@ -211,11 +212,11 @@ class PodRun:
         rewrite = rewriter(container_mounts(container, volumes))
         base = {**self.ctx.base_env, "HOSTNAME": self.name}
         env = container_env(self.pod, container, self.ctx.lookups, base, self.ctx.allocatable)
-        env = {key: rewrite(value) for key, value in env.items()}
+        env = {key: resolve_service_names(rewrite(value)) for key, value in env.items()}
         # The trainer and helpers run from the agent's environment: its bin folder comes first.
         env["PATH"] = f"{self.ctx.base_env['PATH'].split(':')[0]}:{env.get('PATH', '')}".rstrip(":")
         words = [*container["command"], *(container.get("args") or [])]
-        argv = [rewrite(expand(word, env)) for word in words]
+        argv = [resolve_service_names(rewrite(expand(word, env))) for word in words]
         cwd = self.folder / "work"
         if container.get("workingDir") and Path(rewrite(container["workingDir"])).is_dir():
             cwd = Path(rewrite(container["workingDir"]))

@@ -5,7 +5,9 @@ The node agent has no containers and no mount namespaces, so a path such as /etc
 cannot exist. Instead each volume is materialised under DIR/pods/<ns>/<pod>/volumes/<volume>, and
 any occurrence of a container's mountPath as a path (the whole string, or after '=', ':', ',' or
 whitespace, followed by '/' or the end of the path) in the command, args, env values and
-workingDir is replaced by that folder. Called by devbed.pod_runner.
+workingDir is replaced by that folder. Cluster DNS names (`*.svc`, `*.svc.cluster.local`) in
+the command, args and env values become 127.0.0.1 (`resolve_service_names`): the bed has no
+DNS and every pod runs on this host. Called by devbed.pod_runner.
 """
 
 from __future__ import annotations
@@ -261,6 +263,21 @@ def rewriter(mounts: Mapping[str, Path]) -> Callable[[str], str]:
         r"(?<![^\s=:,'\"])(" + "|".join(re.escape(p) for p in ordered) + r")(?=$|[/\s:,;'\"])"
     )
     return lambda text: pattern.sub(lambda m: str(mounts[m.group(1)]), text)
+
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_SERVICE_NAME = re.compile(
+    rf"(?<![A-Za-z0-9.-])(?:{_LABEL}\.)+svc(?:\.cluster\.local)?(?![A-Za-z0-9-]|\.[A-Za-z0-9])"
+)
+
+
+def resolve_service_names(text: str) -> str:
+    """Cluster DNS names (`<pod>.<service>.<ns>.svc`, `....svc.cluster.local`) replaced by
+    the bed's one address, 127.0.0.1: the bed has no cluster DNS, and every pod runs on this
+    host with POD_IP 127.0.0.1, so any pod or Service name means "here". Sandbox only; a real
+    cluster resolves these names through its DNS (e.g. torchrun's --master-addr of a
+    multi-node FineTuneJob)."""
+    return _SERVICE_NAME.sub(POD_IP, text)
 
 
 _VAR = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.\-]*)\)")

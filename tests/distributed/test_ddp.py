@@ -1,0 +1,199 @@
+"""Data-parallel training on CPU (gloo), launched by `kubedream train --nproc-per-node 2`.
+
+Two processes with batch 1 and one process with batch 1 × 2 micro-batches train the same step
+batches with the same noise, so their loss curves and weights agree up to float rounding;
+every image is trained exactly once per epoch across ranks; a checkpoint of either resumes
+on the other and ends where an uninterrupted run ends; a killed rank fails the group.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+from itertools import chain
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .conftest import Run, command, read_records, run_train, write_job
+
+pytestmark = pytest.mark.slow
+
+STEPS = 8  # 2 epochs of 8 images in step batches of 2
+
+
+def _assert_close(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], env: dict[str, str]
+) -> None:
+    """Same weights up to float rounding: the two runs differ by under 1% of how far training
+    moved them from the tiny model's initial weights (Adam turns rounding in near-zero
+    gradients into learning-rate-sized steps, so an absolute bound would be arbitrary; a
+    different batch or no gradient sync differs by the order of the update itself)."""
+    (initial,) = Path(env["KUBEDREAM_CACHE_DIR"]).glob(
+        "tiny/*/unet/diffusion_pytorch_model.safetensors"
+    )
+    init = load_file(str(initial))
+    assert a.keys() == b.keys()
+    apart = sum(float((a[k] - b[k]).double().pow(2).sum()) for k in a) ** 0.5
+    moved = sum(float((a[k] - init[k]).double().pow(2).sum()) for k in a) ** 0.5
+    assert moved > 0
+    assert apart < 0.01 * moved, f"weights {apart} apart after moving {moved}"
+
+
+@pytest.fixture(scope="module")
+def two_ranks(
+    tmp_path_factory: pytest.TempPathFactory, dist_env: dict[str, str], data: Path
+) -> Run:
+    tmp = tmp_path_factory.mktemp("two")
+    return run_train(tmp, dist_env, data, tmp / "out", processes=2, epochs=2)
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory: pytest.TempPathFactory, dist_env: dict[str, str], data: Path) -> Run:
+    tmp = tmp_path_factory.mktemp("one")
+    return run_train(
+        tmp, dist_env, data, tmp / "out", processes=1, epochs=2, gradientAccumulation=2
+    )
+
+
+def test_two_ranks_train_every_image_once_per_epoch(two_ranks: Run) -> None:
+    assert two_ranks.code == 0, two_ranks.log
+    assert sorted(two_ranks.records) == [0, 1]
+    for rank in (0, 1):
+        assert [r["step"] for r in two_ranks.records[rank]] == list(range(STEPS))
+    for epoch in (0, 1):
+        seen: Counter[int] = Counter()
+        for rank in (0, 1):
+            for record in two_ranks.records[rank]:
+                if record["epoch"] == epoch:
+                    (batch,) = record["indices"]  # one micro-batch per step
+                    seen.update(batch)
+        assert seen == Counter(range(8)), f"epoch {epoch}: {seen}"
+    # Ranks train different images at every step.
+    for r0, r1 in zip(two_ranks.records[0], two_ranks.records[1], strict=True):
+        assert r0["indices"] != r1["indices"]
+    progress = (two_ranks.output / "progress.json").read_text()
+    assert '"worldSize": 2' in progress
+
+
+def test_same_step_batch_on_one_rank_gives_the_same_run(
+    two_ranks: Run, one_rank: Run, dist_env: dict[str, str]
+) -> None:
+    assert one_rank.code == 0, one_rank.log
+    assert two_ranks.code == 0, two_ranks.log
+    # Step by step, the one rank's two micro-batches are the two ranks' batches.
+    for mine, r0, r1 in zip(
+        one_rank.records[0], two_ranks.records[0], two_ranks.records[1], strict=True
+    ):
+        assert mine["indices"] == [r0["indices"][0], r1["indices"][0]]
+    assert one_rank.losses() == pytest.approx(two_ranks.losses(), rel=1e-4)
+    assert len(set(one_rank.losses())) > 1  # the curve is a curve
+    _assert_close(one_rank.unet(STEPS), two_ranks.unet(STEPS), dist_env)
+
+
+@pytest.mark.parametrize(("first", "second"), [(2, 1), (1, 2)])
+def test_resume_on_another_number_of_processes(
+    first: int,
+    second: int,
+    tmp_path: Path,
+    dist_env: dict[str, str],
+    data: Path,
+    one_rank: Run,
+) -> None:
+    """Stop mid-epoch (step 3 of 4 in epoch 1, or step 5 = 1 of epoch 2) on `first` processes
+    and finish on `second`; the step batch stays 2 (batch 1 × processes × accumulation)."""
+    output = tmp_path / "out"
+    stop_at = 3 if first == 2 else 5
+    accumulation = {1: 2, 2: 1}
+    part = run_train(
+        tmp_path / "a",
+        dist_env,
+        data,
+        output,
+        processes=first,
+        maxSteps=stop_at,
+        gradientAccumulation=accumulation[first],
+    )
+    assert part.code == 0, part.log
+    rest = run_train(
+        tmp_path / "b",
+        dist_env,
+        data,
+        output,
+        processes=second,
+        maxSteps=STEPS,
+        gradientAccumulation=accumulation[second],
+    )
+    assert rest.code == 0, rest.log
+    assert f"resuming from {output}/checkpoints/step-{stop_at}" in rest.log
+    assert [r["step"] for r in rest.records[0]] == list(range(stop_at, STEPS))
+    # The resumed steps train what the uninterrupted run trained at those steps.
+    for resumed, reference in zip(rest.records[0], one_rank.records[0][stop_at:], strict=True):
+        step = resumed["step"] - stop_at
+        got = chain.from_iterable(
+            batch for rank in sorted(rest.records) for batch in rest.records[rank][step]["indices"]
+        )
+        assert sorted(got) == sorted(chain.from_iterable(reference["indices"]))
+        assert resumed["loss"] == pytest.approx(reference["loss"], rel=1e-4)
+    _assert_close(rest.unet(STEPS), one_rank.unet(STEPS), dist_env)
+
+
+def test_a_killed_rank_fails_the_group(
+    tmp_path: Path, dist_env: dict[str, str], data: Path
+) -> None:
+    """SIGKILL one worker mid-training: the launcher exits 1 (retryable) well within the
+    timeout, saying a training process was killed."""
+    debug = tmp_path / "records"
+    job = write_job(
+        tmp_path / "job.yaml",
+        data,
+        tmp_path / "out",
+        name="killed",
+        training={"batchSize": 1, "maxSteps": 10_000, "lrScheduler": "constant"},
+    )
+    env = {**dist_env, "KUBEDREAM_DEBUG_BATCHES": str(debug), "KUBEDREAM_DIST_TIMEOUT": "30"}
+    launcher = subprocess.Popen(
+        command(job, 2),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 150
+        victim = None
+        while time.monotonic() < deadline and launcher.poll() is None:
+            records = read_records(debug) if debug.is_dir() else {}
+            if len(records.get(1, [])) >= 2:
+                victim = records[1][0]["pid"]
+                break
+            time.sleep(0.5)
+        assert victim is not None, "rank 1 never trained two steps"
+        killed_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        log, _ = launcher.communicate(timeout=90)
+        assert time.monotonic() - killed_at < 90
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+    assert launcher.returncode == 1, log
+    assert "killed by SIGKILL" in log, log
+
+
+def test_a_permanent_worker_code_is_the_launchers(tmp_path: Path, dist_env: dict[str, str]) -> None:
+    """torchrun alone would exit 1; a job that cannot run (code 2) must stay 2 for the pod."""
+    job = write_job(
+        tmp_path / "job.yaml", tmp_path / "missing", tmp_path / "out", name="bad", training={}
+    )
+    result = subprocess.run(
+        command(job, 2), env=dist_env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "spec.data.roots" in result.stderr
