@@ -4,11 +4,17 @@
 is divided by the group's size before backward, so the update sees the mean gradient; DDP
 syncs gradients only on the group's last micro-batch (`accelerator.no_sync`). A non-finite
 loss, or gradient norm (outside fp16, whose scaler skips such steps), raises `DivergedError`
-before any weight changes. Called by `loop`.
+before any weight changes.
+
+The step waits for the device once: loss and gradient norm are copied to the host together
+after the last backward, so the host keeps queueing kernels through the forward and backward
+passes instead of stalling after each micro-batch's forward. Called by `loop`.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import cast
@@ -33,6 +39,11 @@ class StepResult:
     """Mean loss over the group's micro-batches (and ranks)."""
     images: int
     """Images trained in this step on this rank."""
+    seconds: float = 0.0
+    """Host wall time of the step, up to its one device sync (about the device's step time
+    once the host runs ahead)."""
+    data_wait_s: float = 0.0
+    """Seconds the loader kept this step waiting for its micro-batches."""
 
 
 def micro_batch_loss(
@@ -83,6 +94,7 @@ def optimizer_step(
     step: int,
 ) -> StepResult:
     """Accumulate gradients over `micro_batches`, clip, update, advance the schedule and EMA."""
+    started = time.perf_counter()
     total = torch.zeros((), device=accelerator.device)
     images = 0
     for i, batch in enumerate(micro_batches):
@@ -103,31 +115,38 @@ def optimizer_step(
                 if accelerator.num_processes > 1
                 else loss.detach()
             )
-            if not torch.isfinite(checked):
-                raise DivergedError(
-                    f"the loss is {checked.item()} at step {step + 1}: training diverged. Lower "
-                    "spec.training.unetLearningRate (or textEncoderLearningRate), keep maxGradNorm set, "
-                    "or use mixedPrecision bf16 instead of fp16"
-                )
             accelerator.backward(loss / len(micro_batches))
         total += checked
         images += len(batch.captions)
+    mean = total / len(micro_batches)
+    watched = [mean]
     if spec.max_grad_norm is not None:
         norm = accelerator.clip_grad_norm_(trainee.trainable_parameters(), spec.max_grad_norm)
-        # fp16's grad scaler skips such a step by itself; otherwise it would poison the weights.
-        if (
-            accelerator.scaler is None
-            and norm is not None
-            and not torch.isfinite(torch.as_tensor(norm))
-        ):
-            raise DivergedError(
-                f"the gradient norm is {float(norm)} at step {step + 1}: training diverged. Lower "
-                "spec.training.unetLearningRate (or textEncoderLearningRate)"
-            )
+        if norm is not None:
+            watched.append(torch.as_tensor(norm).to(mean))
+    # The step's one device-to-host copy; nothing has touched a weight yet.
+    values = torch.stack(watched).tolist()
+    if not math.isfinite(values[0]):
+        raise DivergedError(
+            f"the loss is {values[0]} at step {step + 1}: training diverged. Lower "
+            "spec.training.unetLearningRate (or textEncoderLearningRate), keep maxGradNorm set, "
+            "or use mixedPrecision bf16 instead of fp16"
+        )
+    # fp16's grad scaler skips such a step by itself; otherwise it would poison the weights.
+    if len(values) > 1 and accelerator.scaler is None and not math.isfinite(values[1]):
+        raise DivergedError(
+            f"the gradient norm is {values[1]} at step {step + 1}: training diverged. Lower "
+            "spec.training.unetLearningRate (or textEncoderLearningRate)"
+        )
     trainee.optimizer.step()
     if not accelerator.optimizer_step_was_skipped:
         trainee.lr_scheduler.step()
     trainee.optimizer.zero_grad(set_to_none=True)
     if trainee.ema is not None:
         trainee.ema.step(trainee.components.unet.parameters())
-    return StepResult(loss=(total / len(micro_batches)).item(), images=images)
+    return StepResult(
+        loss=values[0],
+        images=images,
+        seconds=time.perf_counter() - started,
+        data_wait_s=sum(batch.wait_s for batch in micro_batches),
+    )
