@@ -10,6 +10,7 @@ Environment variables:
   KUBEDREAM_LEASE_WAIT     seconds to wait for another trainer's lease to lapse (default: TTL + 5)
   KUBEDREAM_COMPILE_BACKEND  torch.compile backend for `compile: true` (default inductor)
   KUBEDREAM_CACHE_DIR      where tiny models are built (see `tiny.default_cache_dir`)
+  KUBEDREAM_METRICS_FILE   local JSONL file for per-step timings (see `metrics`; default: none)
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class TrainerEnv:
     """How long a new trainer waits for a foreign lease to lapse before giving up."""
     compile_backend: str = "inductor"
     """torch.compile backend (`eager` or `aot_eager` skip code generation: tests, debugging)."""
+    metrics_file: Path | None = None
+    """Local JSONL file that gets one line of timings per step (rank 0); None writes none."""
 
     @classmethod
     def from_environ(cls, environ: dict[str, str] | None = None) -> TrainerEnv:
@@ -68,6 +71,9 @@ class TrainerEnv:
             lease_ttl_s=ttl,
             lease_wait_s=number("KUBEDREAM_LEASE_WAIT", ttl + 5),
             compile_backend=env.get("KUBEDREAM_COMPILE_BACKEND") or cls.compile_backend,
+            metrics_file=Path(env["KUBEDREAM_METRICS_FILE"])
+            if env.get("KUBEDREAM_METRICS_FILE")
+            else None,
         )
 
 

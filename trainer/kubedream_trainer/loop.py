@@ -30,6 +30,7 @@ from .epochs import (
     step_batch_size,
 )
 from .latent_store import LatentStore
+from .metrics import StepLog
 from .models import load_components, resolve_model_dir
 from .preflight import check_inputs
 from .progress import Phase
@@ -122,6 +123,7 @@ def train(session: Session, stop: StopRequest) -> Outcome:
         step=position.step,
         epoch=position.epoch + 1,
     )
+    step_log = StepLog(session.env.metrics_file if session.is_main else None, session.device)
     while position.step < schedule.total_steps:
         batches = epoch_batches(dataset, spec, position.epoch, world_size, rank)
         plan = global_plan(dataset, spec, position.epoch, world_size)
@@ -149,6 +151,7 @@ def train(session: Session, stop: StopRequest) -> Outcome:
                 rank, position.step, position.epoch, [b.indices for b in group], result.loss
             )
             position = position.advanced(len(group), result.images * world_size, len(batches))
+            step_log.record(position.step, result)
             progress.step(
                 position.step,
                 position.epoch_label,
