@@ -184,7 +184,7 @@ def test_a_killed_rank_fails_the_group(
             os.killpg(launcher.pid, signal.SIGKILL)
             launcher.wait()
     assert launcher.returncode == 1, log
-    assert "killed by SIGKILL" in log, log
+    assert "training process 1 was killed by SIGKILL" in log, log
 
 
 def test_a_permanent_worker_code_is_the_launchers(tmp_path: Path, dist_env: dict[str, str]) -> None:

@@ -153,11 +153,11 @@ def exit_code_of(failures: dict[int, Any]) -> int:
     for code in codes:
         if code in PASSED_THROUGH:
             return code
-    for code in codes:
+    for rank in sorted(failures):
+        code = int(failures[rank].exitcode)
         if code < 0:
             name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
-            print(f"kubedream: a training process was killed by {name}", file=sys.stderr)
-            break
+            print(f"kubedream: training process {rank} was killed by {name}", file=sys.stderr)
     return 1
 
 
