@@ -115,3 +115,27 @@ def test_pods_the_agent_cannot_run_fail_with_a_reason(
     status = run.status()
     assert status["phase"] == "Failed"
     assert status["containerStatuses"][0]["state"]["terminated"]["reason"] == reason
+
+
+@pytest.mark.timeout(30)
+def test_a_failed_container_falls_back_to_its_log_for_the_termination_message(
+    tmp_path: Path,
+) -> None:
+    def failing(policy: str | None) -> Obj:
+        script = "for i in range(100): print(f'line {i}')\nraise SystemExit(3)"
+        container: Obj = {"name": "main", "command": ["python", "-c", script]}
+        if policy:
+            container["terminationMessagePolicy"] = policy
+        return container
+
+    messages = []
+    for folder, policy in (("fallback", "FallbackToLogsOnError"), ("file", None)):
+        run = PodRun(_pod([failing(policy)]), _ctx(tmp_path / folder))
+        _drive(run, 20)
+        terminated = run.status()["containerStatuses"][0]["state"]["terminated"]
+        assert terminated["exitCode"] == 3
+        messages.append(terminated.get("message"))
+    fallback, file_policy = messages
+    # The kubelet's limit: the last 80 lines.
+    assert fallback == "".join(f"line {i}\n" for i in range(20, 100))
+    assert file_policy is None

@@ -38,6 +38,28 @@ log = logging.getLogger(__name__)
 DEFAULT_GRACE = 30
 CONFIG_RETRY_SECONDS = 2.0
 MAX_RESTART_BACKOFF = 8.0
+# The kubelet's limits for a termination message taken from the logs
+# (kubecontainer.MaxContainerTerminationMessageLogLines / ...LogLength).
+MESSAGE_LOG_LINES = 80
+MESSAGE_LOG_BYTES = 2048
+
+
+def fallback_message(container: Obj, log_file: Path) -> str | None:
+    """A failed container's termination message under `terminationMessagePolicy:
+    FallbackToLogsOnError`, as the kubelet makes it: the last 80 lines of the log, at most
+    2048 bytes. (The pod's log holds its init containers' output too; the tail is the
+    failed container's.) None for the default policy, `File`: there is no message file."""
+    if container.get("terminationMessagePolicy") != "FallbackToLogsOnError":
+        return None
+    try:
+        with log_file.open("rb") as log:
+            size = log.seek(0, 2)
+            log.seek(max(0, size - 16 * MESSAGE_LOG_BYTES))
+            data = log.read()
+    except OSError:
+        return None
+    tail = b"".join(data.splitlines(keepends=True)[-MESSAGE_LOG_LINES:])[-MESSAGE_LOG_BYTES:]
+    return tail.decode(errors="replace") or None
 
 
 @dataclass(frozen=True)
@@ -228,7 +250,8 @@ class PodRun:
             # As a runtime tears down the container's cgroup: nothing of the group outlives it.
             procs.stop_group(self.tracked, grace=0.0, popen=self.popen)
         (self.folder / "pid").unlink(missing_ok=True)
-        self.record.terminated(container, code, "Completed" if code == 0 else "Error")
+        message = fallback_message(container, self.folder / "log") if code else None
+        self.record.terminated(container, code, "Completed" if code == 0 else "Error", message)
         self.popen = None
         log.info("%s/%s: %s exited with %d", self.namespace, self.name, container["name"], code)
         self._after_exit(container, code)
