@@ -134,6 +134,7 @@ def launch(args: argparse.Namespace) -> int:
     ]
     if args.nnodes == 1:
         torchrun.insert(0, "--standalone")
+    prepare_node(args.job)
     try:
         run(parse_args(torchrun))
     except ChildFailedError as exc:
@@ -141,6 +142,25 @@ def launch(args: argparse.Namespace) -> int:
     except SignalException as exc:
         return 128 + int(exc.sigval)
     return 0
+
+
+def prepare_node(job_path: str) -> None:
+    """Fill this node's model cache (a tiny model built, an s3:// base downloaded) before any
+    worker starts. Inside the process group, transformers' `save_pretrained` writes nothing on
+    a global rank other than 0, so node 1's workers could never build their own copy; and one
+    builder per node avoids racing on the cache. Problems are left to the workers, which
+    report them in progress.json with the right exit code."""
+    from kubedream_operator.spec import SpecError, load_job
+
+    from .errors import TrainerError
+    from .models import resolve_model_dir
+    from .storage import StorageError
+
+    try:
+        job = load_job(job_path)
+        resolve_model_dir(job.spec.model.base, job.spec.storage, job.spec.model.family)
+    except (SpecError, TrainerError, StorageError, OSError):
+        return
 
 
 def exit_code_of(failures: dict[int, Any]) -> int:
