@@ -5,13 +5,13 @@ needs every step: how long it took, how long the loader kept it waiting, the dev
 memory. With `KUBEDREAM_METRICS_FILE` set, rank 0 appends a line per step to that local file:
 
   {"step": 12, "images": 32, "loss": 0.117, "stepSeconds": 0.36, "dataWaitSeconds": 0.0,
-   "wallSeconds": 0.37, "peakMemoryGiB": 48.9}
+   "wallSeconds": 0.37, "peakMemoryGiB": 48.9, "time": 1795980000.123}
 
 `stepSeconds` is the host's wall time of `step.optimizer_step` (which waits for the device
 once, so in steady state it is the device's step time), `dataWaitSeconds` the time the
 loader kept that step waiting, `wallSeconds` the time since the previous step ended
 (everything: data, step, progress, checkpoints and samples). `peakMemoryGiB` is CUDA's
-peak allocated memory so far (absent on CPU). Nothing here synchronises the device.
+peak allocated memory so far (absent on CPU), `time` the Unix time the step ended. Nothing here synchronises the device.
 `bench/train_bench.py` reads the file. Called by `loop`.
 """
 
@@ -50,6 +50,7 @@ class StepLog:
                 "stepSeconds": round(result.seconds, 6),
                 "dataWaitSeconds": round(result.data_wait_s, 6),
                 "wallSeconds": round(now - self._last, 6),
+                "time": round(time.time(), 3),
             }
             if self.device.type == "cuda":
                 line["peakMemoryGiB"] = round(
