@@ -343,6 +343,7 @@ def test_bad_data_fails_with_the_trainers_message(
     jobs.create("nodata", spec)
     wait_for(lambda: jobs.phase("nodata") == "Failed", 120, "phase Failed")
     failed = {c["type"]: c for c in jobs.status("nodata")["conditions"]}["Failed"]
-    assert failed["reason"] == "BackoffLimitExceeded"
+    assert failed["reason"] == "PodFailurePolicy"  # INVALID_JOB (2) fails the Job at once
     assert "no-such-folder" in failed["message"]  # the trainer's own words, via progress.json
-    assert "exited with code 1" in failed["message"]
+    assert "exited with code 2" in failed["message"]
+    assert len(jobs.pods("nodata")) == 1
