@@ -27,13 +27,14 @@ import json
 import logging
 import re
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from .errors import OutputError
-from .storage import Storage, StorageError, join_uri
+from .storage import ObjectInfo, Storage, StorageError, join_uri
 
 log = logging.getLogger(__name__)
 
@@ -219,10 +220,23 @@ class CheckpointStore:
         return [c.key for c in doomed]
 
     def fetch(self, checkpoint: Checkpoint, prefix: str, into: Path) -> Path:
-        """A local folder holding `prefix` of the checkpoint (the output's own folder when local)."""
+        """A local folder holding `prefix` of the checkpoint (the output's own folder when local).
+        Remote files download several at once and must match the manifest's sha256."""
         local = self.output.local_path(checkpoint.key)
         if local is not None:
             return local
-        for info in self.output.list(f"{checkpoint.key}/{prefix}"):
-            self.output.download_file(info.key, into / info.key[len(checkpoint.key) + 1 :])
+        recorded = {entry["path"]: entry for entry in checkpoint.manifest.get("files", [])}
+
+        def download(info: ObjectInfo) -> None:
+            relative = info.key[len(checkpoint.key) + 1 :]
+            self.output.download_file(info.key, into / relative)
+            entry = recorded.get(relative)
+            if entry is not None and sha256_file(into / relative) != entry["sha256"]:
+                raise OutputError(
+                    f"{join_uri(self.output.uri, info.key)}: sha256 after download differs from "
+                    f"its {MANIFEST}; the checkpoint was changed after it was committed"
+                )
+
+        with ThreadPoolExecutor(UPLOAD_WORKERS, thread_name_prefix="kd-fetch") as pool:
+            list(pool.map(download, self.output.list(f"{checkpoint.key}/{prefix}")))
         return into
