@@ -11,6 +11,7 @@ Environment variables:
   KUBEDREAM_COMPILE_BACKEND  torch.compile backend for `compile: true` (default inductor)
   KUBEDREAM_CACHE_DIR      where tiny models are built (see `tiny.default_cache_dir`)
   KUBEDREAM_METRICS_FILE   local JSONL file for per-step timings (see `metrics`; default: none)
+  KUBEDREAM_CHANNELS_LAST  UNet weights in channels-last layout: auto (CUDA only), on, off
 """
 
 from __future__ import annotations
@@ -45,6 +46,15 @@ class TrainerEnv:
     """torch.compile backend (`eager` or `aot_eager` skip code generation: tests, debugging)."""
     metrics_file: Path | None = None
     """Local JSONL file that gets one line of timings per step (rank 0); None writes none."""
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    """UNet weights in channels-last (NHWC) layout, which tensor-core convolutions prefer;
+    `auto` uses it on CUDA only."""
+
+    def channels_last_on(self, device: torch.device) -> bool:
+        """Whether the UNet trains in channels-last layout on `device`."""
+        return self.channels_last == "on" or (
+            self.channels_last == "auto" and device.type == "cuda"
+        )
 
     @classmethod
     def from_environ(cls, environ: dict[str, str] | None = None) -> TrainerEnv:
@@ -66,6 +76,11 @@ class TrainerEnv:
 
         ttl = number("KUBEDREAM_LEASE_TTL", cls.lease_ttl_s)
         staging = env.get("KUBEDREAM_STAGING_DIR")
+        layout = env.get("KUBEDREAM_CHANNELS_LAST") or "auto"
+        if layout not in ("auto", "on", "off"):
+            raise JobError(
+                f"environment variable KUBEDREAM_CHANNELS_LAST: auto, on or off, got {layout!r}"
+            )
         return cls(
             staging_dir=Path(staging) if staging else None,
             lease_ttl_s=ttl,
@@ -74,6 +89,7 @@ class TrainerEnv:
             metrics_file=Path(env["KUBEDREAM_METRICS_FILE"])
             if env.get("KUBEDREAM_METRICS_FILE")
             else None,
+            channels_last=layout,  # type: ignore[arg-type]
         )
 
 

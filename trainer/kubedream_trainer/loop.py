@@ -83,7 +83,13 @@ def train(session: Session, stop: StopRequest) -> Outcome:
         model_dir = resolve_model_dir(spec.model.base, spec.storage, spec.model.family)
     components = load_components(model_dir, spec.model, training.zero_terminal_snr)
     trainee = trainees.build(
-        components, training, session.device, schedule.total_steps, rank, world_size
+        components,
+        training,
+        session.device,
+        schedule.total_steps,
+        rank,
+        world_size,
+        channels_last=session.env.channels_last_on(session.device),
     )
     if trainee.latent_cache is not None:  # cached latents survive restarts, in the output
         trainee.latent_cache.attach(LatentStore.open(session.output, dataset, components.vae))

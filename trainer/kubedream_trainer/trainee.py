@@ -85,12 +85,17 @@ def build(
     total_steps: int,
     rank: int,
     world_size: int = 1,
+    channels_last: bool = False,
 ) -> Trainee:
-    """Freeze what does not train, move to the device, create optimizer, schedule and EMA."""
+    """Freeze what does not train, move to the device, create optimizer, schedule and EMA.
+    With `channels_last` the UNet's weights take the NHWC layout (before the optimizer and
+    EMA copy them, so their state shares it); the values do not change."""
     trains_text = bool(spec.text_encoder_learning_rate)
     vae, unet = cast(torch.nn.Module, components.vae), cast(torch.nn.Module, components.unet)
     vae.requires_grad_(False).eval().to(device)
     unet.requires_grad_(True).train().to(device)
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
     components.text_encoder.requires_grad_(trains_text).train(trains_text).to(device)
     if spec.gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
