@@ -41,12 +41,12 @@ def exit_meaning(code: int) -> str | None:
     """A few words on what a trainer exit code means, e.g. 143 -> "interrupted"."""
     if code == EXIT_SIGKILL:
         return "killed, often out of memory"
+    if code == EXIT_CRASH:  # no ExitCode of the trainer's: Python's and torchrun's own
+        return "a crash, or a failed worker"
     try:
         name = ExitCode(code).name
     except ValueError:
         return None
-    if code == EXIT_CRASH:
-        return f"{name.lower().replace('_', ' ')}, or a crash"
     return name.lower().replace("_", " ")
 
 

@@ -152,7 +152,7 @@ def test_restarts_count_failed_pods(spec: FineTuneJobSpec) -> None:
     assert status["restarts"] == 1
     assert status["phase"] == "Running"
     assert (
-        "last failure: pod j-0-aaaaa: trainer exited with code 1 (invalid job, or a crash): RuntimeError: CUDA error"
+        "last failure: pod j-0-aaaaa: trainer exited with code 1 (a crash, or a failed worker): RuntimeError: CUDA error"
         in status["message"]
     )
     # Failed pods the Job controller already removed still count through job.status.failed.
