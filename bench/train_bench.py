@@ -373,6 +373,8 @@ def run_trainer(
     steps: int,
     cache_latents: bool,
     compile_unet: bool,
+    optimizer: str,
+    gradient_checkpointing: bool,
     device: str,
     workers: int,
     env: dict[str, str],
@@ -397,6 +399,8 @@ def run_trainer(
             "mixedPrecision": "auto",
             "cacheLatents": cache_latents,
             "compile": compile_unet,
+            "optimizer": optimizer,
+            "gradientCheckpointing": gradient_checkpointing,
             "seed": 1,
         },
         "output": {
@@ -529,7 +533,12 @@ def bare_loop(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any] | No
 
 
 def bare_rate(
-    bare: dict[str, Any] | None, family: str, batch: int, compiled: bool, cached: bool
+    bare: dict[str, Any] | None,
+    family: str,
+    batch: int,
+    compiled: bool,
+    cached: bool,
+    checkpointing: bool = False,
 ) -> float | None:
     """Bare-loop images/s for the same model, batch and compile; + VAE encode when uncached."""
     if bare is None:
@@ -543,7 +552,7 @@ def bare_rate(
             if r.get("model") == name
             and r.get("batch") == batch
             and r.get("compile") == compiled
-            and not r.get("grad_ckpt")
+            and bool(r.get("grad_ckpt")) == checkpointing
         ),
         None,
     )
@@ -571,6 +580,8 @@ def main() -> int:
     parser.add_argument("--batch-sdxl", type=int, default=4)
     parser.add_argument("--cache", help="latent caching runs: on, off or on,off (smoke: on)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    parser.add_argument("--optimizer", default="adamw", help="adamw, adamw8bit or adafactor")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--workers", type=int, default=8, help="data.loaderWorkers")
     parser.add_argument("--warmup", type=int, help="steps left out at the start (5; smoke 2)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
@@ -627,6 +638,8 @@ def main() -> int:
                     steps=steps,
                     cache_latents=cached,
                     compile_unet=args.compile,
+                    optimizer=args.optimizer,
+                    gradient_checkpointing=args.gradient_checkpointing,
                     device=device,
                     workers=args.workers,
                     env={**env, **minio.env()},
@@ -640,6 +653,8 @@ def main() -> int:
                     "batch": batch,
                     "cacheLatents": cached,
                     "compile": args.compile,
+                    "optimizer": args.optimizer,
+                    "gradientCheckpointing": args.gradient_checkpointing,
                     "steps": len(lines),
                     "runSeconds": round(elapsed, 1),
                     **summarise(lines, window, gpu),
@@ -654,7 +669,14 @@ def main() -> int:
 
     bare, bare_note = bare_loop(args, work)
     for row in rows:
-        rate = bare_rate(bare, row["family"], row["batch"], row["compile"], row["cacheLatents"])
+        rate = bare_rate(
+            bare,
+            row["family"],
+            row["batch"],
+            row["compile"],
+            row["cacheLatents"],
+            row["gradientCheckpointing"],
+        )
         row["bareImagesPerSecond"] = round(rate, 2) if rate else None
         measured = row.get("imagesPerSecond")
         row["ratioToBare"] = round(measured / rate, 3) if rate and measured else None
