@@ -333,7 +333,7 @@ def test_a_trainer_that_keeps_crashing_fails_after_the_backoff_limit(
     failed = _condition(status, "Failed")
     assert (failed["status"], failed["reason"]) == ("True", "BackoffLimitExceeded")
     assert "backoff limit" in failed["message"]
-    assert "trainer exited with code 1" in failed["message"]
+    assert "trainer exited with code 1 (a crash, or a failed worker)" in failed["message"]
     assert "Not a directory" in failed["message"]  # the trainer's last log line
     pods = jobs.pods(name)
     assert len(pods) == 2  # the first try and one retry
@@ -361,6 +361,6 @@ def test_an_invalid_data_root_fails_the_job_after_one_pod(
     assert failed["reason"] == "PodFailurePolicy"
     assert "spec.data.roots[0].uri" in failed["message"]  # the trainer's words, via progress.json
     assert "no-such-prefix" in failed["message"]
-    assert "trainer exited with code 2" in failed["message"]
+    assert "trainer exited with code 2 (invalid job)" in failed["message"]
     (pod,) = jobs.pods(name)  # FailJob: no retry despite backoffLimit 3
     assert _trainer_exit(pod) == 2
