@@ -152,3 +152,13 @@ def test_sdxl_resume_is_bit_identical(tmp_path: Path, mixed_root: Path) -> None:
     assert train(resumed) == 0
     assert committed_steps(tmp_path / "b") == [2, 4]
     _assert_same_checkpoint(tmp_path / "a/checkpoints/step-4", tmp_path / "b/checkpoints/step-4")
+
+
+def test_gradient_checkpointing_reaches_both_text_encoders() -> None:
+    components = load_components(tiny_model_dir("sdxl"), ModelSpec(base="tiny-sdxl"), False)
+    encoders = components.text_encoder
+    assert isinstance(encoders, sdxl.SDXLTextEncoders)
+    encoders.gradient_checkpointing_enable()
+    for encoder in (encoders.text_encoder, encoders.text_encoder_2):
+        flag = "is_activation_checkpointing"
+        assert getattr(encoder, flag if hasattr(encoder, flag) else "is_gradient_checkpointing")

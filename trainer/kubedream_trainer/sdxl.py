@@ -52,8 +52,11 @@ class SDXLTextEncoders(torch.nn.Module):
         self.text_encoder_2 = text_encoder_2
 
     def gradient_checkpointing_enable(self) -> None:
-        self.text_encoder.gradient_checkpointing_enable()
-        self.text_encoder_2.gradient_checkpointing_enable()
+        """Recompute both encoders' activations in backward (transformers 5 renamed the
+        switch `activation_checkpointing_enable`; older releases only have the old name)."""
+        for encoder in (self.text_encoder, self.text_encoder_2):
+            enable = getattr(encoder, "activation_checkpointing_enable", None)
+            (enable or encoder.gradient_checkpointing_enable)()
 
     def forward(
         self, input_ids: torch.Tensor, input_ids_2: torch.Tensor
