@@ -83,7 +83,13 @@ def test_manifest_lists_every_file_with_size_and_sha256(run: dict[str, Any]) -> 
         True,
     )
     # 8 images in batches of 2: step 4 ends epoch 1; the next would be epoch index 1, batch 0.
-    assert manifest["position"] == {"step": 4, "epochIndex": 1, "batchInEpoch": 0, "imagesSeen": 8}
+    assert manifest["position"] == {
+        "step": 4,
+        "epochIndex": 1,
+        "batchInEpoch": 0,
+        "imagesSeen": 8,
+        "imagesInEpoch": 0,
+    }
     assert manifest["epoch"] == 1
     assert manifest["specHash"].startswith("sha256:")
     datetime.fromisoformat(manifest["createdAt"].replace("Z", "+00:00"))
