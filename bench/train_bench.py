@@ -44,6 +44,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -393,7 +394,7 @@ def run_trainer(
             "flipP": 0.5,
         },
         "training": {
-            "maxSteps": steps,
+            "maxSteps": steps + 1000,
             "batchSize": batch_size,
             "unetLearningRate": 1e-5,
             "mixedPrecision": "auto",
@@ -437,28 +438,48 @@ def run_trainer(
     }
     started = time.monotonic()
     with (out / "trainer.log").open("w") as log:
-        code = subprocess.call(
+        # maxSteps is past `steps`: the trainer is stopped (SIGKILL to the process group it
+        # leads) once `steps` metrics lines exist, so no checkpoint is ever written -- a final
+        # SDXL checkpoint (weights, optimizer, export) would be ~45 GB, staged then copied.
+        proc = subprocess.Popen(
             [sys.executable, "-m", "kubedream_trainer.cli", "train", str(job), "--device", device],
             env=child_env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
+        try:
+            while proc.poll() is None and _count_lines(metrics) < steps:
+                time.sleep(0.2)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     elapsed = time.monotonic() - started
-    if code != 0:
+    lines = (
+        [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    )
+    if len(lines) < steps:
         tail = (out / "trainer.log").read_text()[-3000:]
-        raise SystemExit(f"kubedream train exited {code} for {name}:\n{tail}")
-    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
-    shutil.rmtree(out / "output" / "checkpoints", ignore_errors=True)  # disk: SDXL is ~30 GB
-    return lines, elapsed
+        raise SystemExit(f"kubedream train exited {proc.returncode} for {name}:\n{tail}")
+    shutil.rmtree(out / "output", ignore_errors=True)
+    return lines[:steps], elapsed
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        with path.open("rb") as fh:
+            return sum(1 for line in fh if line.endswith(b"\n"))
+    except FileNotFoundError:
+        return 0
 
 
 def steady_state(
     lines: list[dict[str, Any]], warmup: int, epoch_steps: int, cached: bool
 ) -> list[dict[str, Any]]:
-    """Steps after the warm-up; with latent caching also after the cache-filling first epoch.
-    The last step is dropped (a checkpoint follows it)."""
+    """Steps after the warm-up; with latent caching also after the cache-filling first epoch."""
     first = max(warmup, epoch_steps if cached else 0)
-    return [line for line in lines[:-1] if line["step"] > first]
+    return [line for line in lines if line["step"] > first]
 
 
 def summarise(
@@ -574,8 +595,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny models, < 1 minute")
     parser.add_argument("--models", default="sd15,sdxl", help="comma list of sd15, sdxl")
-    parser.add_argument("--images", type=int, help="data root size (default 512; smoke 24)")
-    parser.add_argument("--steps", type=int, help="steps per run (default: 3 epochs + 10)")
+    parser.add_argument("--images", type=int, help="data root size (SD1.5 512, SDXL 256; smoke 8)")
+    parser.add_argument("--steps", type=int, help="steps per run (SD1.5 3 epochs, SDXL 2, + 10)")
     parser.add_argument("--batch-sd15", type=int, default=32)
     parser.add_argument("--batch-sdxl", type=int, default=4)
     parser.add_argument("--cache", help="latent caching runs: on, off or on,off (smoke: on)")
@@ -599,7 +620,6 @@ def main() -> int:
     families = [m.strip() for m in args.models.split(",") if m.strip()]
     cache = args.cache or ("on" if args.smoke else "on,off")
     caches = [c.strip() == "on" for c in cache.split(",") if c.strip()]
-    images = args.images or (8 if args.smoke else 512)
     work = args.work or Path(tempfile.mkdtemp(prefix="kd-train-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     out_json = args.json or Path(os.environ.get("OUT", ".")) / "train_bench.json"
@@ -621,10 +641,14 @@ def main() -> int:
                 device,
             )
             print(f"{family}: model folder ready in {time.monotonic() - started:.0f}s", flush=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the trainer subprocess needs the memory
+            images = args.images or (8 if args.smoke else (256 if family == "sdxl" else 512))
             root = write_data(work / "data" / str(resolution), images, resolution * 3 // 2)
             data_uri = minio.publish(root, f"data-{resolution}")
             epoch_steps = -(-images // batch)  # upper bound: buckets may leave partial batches
-            steps = args.steps or (epoch_steps * 3 + 10 if not args.smoke else epoch_steps + 3)
+            epochs = 1 if args.smoke else (2 if family == "sdxl" else 3)
+            steps = args.steps or epoch_steps * epochs + (3 if args.smoke else 10)
             for cached in caches:
                 name = f"{family}-{'cached' if cached else 'uncached'}"
                 lines, elapsed = run_trainer(
@@ -648,6 +672,7 @@ def main() -> int:
                 window = steady_state(lines, warmup, epoch_steps, cached)
                 row = {
                     "run": name,
+                    "images": images,
                     "family": family,
                     "resolution": resolution,
                     "batch": batch,
@@ -692,7 +717,6 @@ def main() -> int:
         "smoke": args.smoke,
         "dataSource": minio.note,
         "bareLoop": bare_note,
-        "images": images,
         "rows": rows,
     }
     out_json.parent.mkdir(parents=True, exist_ok=True)
