@@ -89,7 +89,7 @@ def resolve_model_dir(
             "with model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/"
         )
     wanted: tuple[str, ...] = _SUBFOLDERS
-    if detect_family(path) == "sdxl":
+    if _names_sdxl(json.loads((path / "model_index.json").read_text())):
         wanted += ("text_encoder_2", "tokenizer_2")
     missing = [name for name in wanted if not (path / name).is_dir()]
     if missing:
@@ -104,14 +104,18 @@ def _fetch_remote_model(uri: str, storage_settings: object | None) -> Path:
     return fetch_model(uri, storage_settings)
 
 
+def _names_sdxl(index: dict[str, Any]) -> bool:
+    """Whether a model_index.json describes an SDXL pipeline."""
+    return (index.get("text_encoder_2") or [None])[0] is not None or str(
+        index.get("_class_name", "")
+    ).startswith("StableDiffusionXL")
+
+
 def detect_family(model_dir: Path) -> Family:
     """sdxl when the folder has a second text encoder (or model_index names an SDXL
     pipeline); sd2 when its text encoder is OpenCLIP (GELU activations); otherwise sd1
     (OpenAI CLIP, quick-GELU)."""
-    index = json.loads((model_dir / "model_index.json").read_text())
-    if (index.get("text_encoder_2") or [None])[0] is not None or str(
-        index.get("_class_name", "")
-    ).startswith("StableDiffusionXL"):
+    if _names_sdxl(json.loads((model_dir / "model_index.json").read_text())):
         return "sdxl"
     config = json.loads((model_dir / "text_encoder" / "config.json").read_text())
     return "sd2" if config.get("hidden_act") == "gelu" else "sd1"
