@@ -162,3 +162,10 @@ def test_gradient_checkpointing_reaches_both_text_encoders() -> None:
     for encoder in (encoders.text_encoder, encoders.text_encoder_2):
         flag = "is_activation_checkpointing"
         assert getattr(encoder, flag if hasattr(encoder, flag) else "is_gradient_checkpointing")
+
+
+def test_an_sdxl_pipeline_class_in_model_index_means_sdxl(tmp_path: Path) -> None:
+    (tmp_path / "model_index.json").write_text(
+        json.dumps({"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": [None, None]})
+    )
+    assert detect_family(tmp_path) == "sdxl"
