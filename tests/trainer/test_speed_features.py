@@ -165,3 +165,40 @@ def test_adamw_is_fused_on_cuda_only_and_fused_matches_unfused() -> None:
             optimizer.zero_grad()
         results.append(net.state_dict())
     _assert_close(results[0], results[1], atol=1e-6)
+
+
+def test_threaded_loader_assembles_ahead_and_passes_load_errors_on(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from kubedream_operator.spec import DataRoot, DataSpec
+    from kubedream_trainer.data import scan_roots
+    from kubedream_trainer.data.loader import BatchLoader, ImageLoadError
+
+    for i, size in enumerate([(96, 64), (96, 64), (64, 64), (64, 64)]):
+        Image.effect_noise(size, 60).convert("RGB").save(tmp_path / f"{i}.jpg", quality=95)
+    dataset = scan_roots([DataRoot(uri=str(tmp_path))], 64)
+    spec = DataSpec(roots=[DataRoot(uri=str(tmp_path))], resolution=64)
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for index, image in enumerate(dataset.images):
+        by_bucket.setdefault(image.bucket, []).append(index)
+    plan = list(by_bucket.values())
+
+    def load(workers: int) -> list[Any]:
+        loader = BatchLoader(dataset, plan, data_spec=spec, seed=3, epoch=0, workers=workers)
+        assert loader.pin_memory is torch.cuda.is_available()
+        return list(loader)
+
+    threaded, serial = load(2), load(0)
+    for a, b in zip(threaded, serial, strict=True):
+        assert torch.equal(a.pixel_values, b.pixel_values)
+        assert a.pixel_values.is_contiguous()
+        assert (a.indices, a.original_sizes, a.crop_coords) == (
+            b.indices,
+            b.original_sizes,
+            b.crop_coords,
+        )
+        assert a.wait_s >= 0
+    for path in tmp_path.glob("*.jpg"):
+        path.write_bytes(b"not an image")
+    with pytest.raises(ImageLoadError):
+        load(2)

@@ -61,7 +61,8 @@ def micro_batch_loss(
     components: Components = trainee.components
     generator = trainee.generator
     scheduler = components.noise_scheduler
-    pixels = pixel_values.to(accelerator.device, dtype=components.vae.dtype)
+    # Asynchronous from the loader's page-locked batches; a plain copy otherwise.
+    pixels = pixel_values.to(accelerator.device, dtype=components.vae.dtype, non_blocking=True)
     clean = latents.encode(components.vae, pixels, generator, trainee.latent_cache, cache_keys)
     noise = losses.sample_noise(clean, spec.offset_noise, generator)
     timesteps = losses.sample_timesteps(clean.shape[0], scheduler, generator)

@@ -2,7 +2,9 @@
 
 The training loop builds one `BatchLoader` per epoch from `plan_epoch`'s batches and
 iterates it. Batches come out in plan order; up to `prefetch` batches are being decoded
-at once (PIL releases the GIL while decoding, so threads scale). Every random choice
+at once (PIL releases the GIL while decoding, so threads scale), and one more thread
+stacks each batch, in page-locked memory when a GPU is present, so the training thread only
+picks up finished batches and copies them to the GPU asynchronously. Every random choice
 (flip, caption dropout, tag shuffle, substitute for a corrupt image) comes from a
 generator seeded by (seed, epoch, batch id, slot, image), so starting at
 `start_batch` after a resume yields exactly the batches an uninterrupted run would have.
@@ -101,6 +103,7 @@ class BatchLoader:
         prefetch: int = 4,
         start_batch: int = 0,
         ids: Sequence[int] | None = None,
+        pin_memory: bool | None = None,
     ) -> None:
         if not 0 <= start_batch <= len(batches):
             raise ValueError(f"start_batch must be in [0, {len(batches)}], got {start_batch}")
@@ -124,6 +127,8 @@ class BatchLoader:
         (under torchrun, rank r's batch i is not the i-th of the epoch)."""
         if len(self.ids) != len(self.batches):
             raise ValueError(f"need one id per batch, got {len(self.ids)} for {len(self.batches)}")
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        """Assemble batches in page-locked memory (default: when CUDA is available)."""
         self.problems: list[Problem] = []
         """Images found corrupt while loading (each once), with what was substituted."""
         self._storage_settings = storage_settings
@@ -150,22 +155,24 @@ class BatchLoader:
                 yield batch
             return
         pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="kd-load")
-        pending: deque[list[Future[_Sample]]] = deque()
-        upcoming = iter(positions)
+        # One more thread stacks each batch (100 MB of float32 at SD1.5's batch 32 and 512 px)
+        # ahead of time, so the training thread only picks up finished batches.
+        assembler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-assemble")
+        pending: deque[Future[Batch]] = deque()
         try:
-            for position in upcoming:
-                pending.append(
-                    [
-                        pool.submit(self._sample, position, slot)
-                        for slot in range(len(self.batches[position]))
-                    ]
-                )
+            for position in positions:
+                samples = [
+                    pool.submit(self._sample, position, slot)
+                    for slot in range(len(self.batches[position]))
+                ]
+                pending.append(assembler.submit(self._gather, samples))
                 if len(pending) >= self.prefetch:
                     yield self._collect(pending.popleft())
             while pending:
                 yield self._collect(pending.popleft())
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
+            assembler.shutdown(wait=False, cancel_futures=True)
 
     def _storage(self, root_index: int, root_uri: str) -> Storage:
         with self._lock:
@@ -224,19 +231,29 @@ class BatchLoader:
             )
         return _Sample(index, _to_pixels(img, flipped), caption, flipped)
 
-    def _collect(self, futures: list[Future[_Sample]]) -> Batch:
-        """Wait for a batch's samples, recording how long the consumer was kept waiting."""
+    def _gather(self, futures: list[Future[_Sample]]) -> Batch:
+        """A batch from its samples' futures (on the assembler thread)."""
+        return self._assemble([future.result() for future in futures])
+
+    @staticmethod
+    def _collect(future: Future[Batch]) -> Batch:
+        """Wait for an assembled batch, recording how long the consumer was kept waiting."""
         started = time.perf_counter()
-        samples = [future.result() for future in futures]
-        waited = time.perf_counter() - started
-        batch = self._assemble(samples)
-        batch.wait_s = waited
+        batch = future.result()
+        batch.wait_s = time.perf_counter() - started
         return batch
 
     def _assemble(self, samples: list[_Sample]) -> Batch:
         records = [self.dataset.images[s.index] for s in samples]
+        first = samples[0].pixels
+        # Page-locked when a GPU is present: the host-to-device copy can then run
+        # asynchronously (`non_blocking`), without stalling the training thread.
+        pixels = torch.empty(
+            (len(samples), *first.shape), dtype=torch.float32, pin_memory=self.pin_memory
+        )
+        np.stack([s.pixels for s in samples], out=pixels.numpy())
         return Batch(
-            pixel_values=torch.from_numpy(np.stack([s.pixels for s in samples])),
+            pixel_values=pixels,
             captions=[s.caption for s in samples],
             indices=[s.index for s in samples],
             flipped=[s.flipped for s in samples],
