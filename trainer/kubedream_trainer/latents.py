@@ -59,9 +59,16 @@ class LatentCache:
         return len(self._store)
 
     def parameters(
-        self, vae: AutoencoderKL, pixels: torch.Tensor, keys: list[CacheKey]
+        self,
+        vae: AutoencoderKL,
+        pixels: torch.Tensor,
+        keys: list[CacheKey],
+        device: torch.device | None = None,
     ) -> torch.Tensor:
-        """Distribution parameters for a batch, encoding only images not seen before."""
+        """Distribution parameters for a batch on `device` (default: the pixels'), encoding only
+        images not seen before. Pixels may stay on the host: only a missing image is copied to
+        the device, so a warm cache moves no pixels at all."""
+        device = pixels.device if device is None else device
         rows = []
         for i, key in enumerate(keys):
             cached = self._store.get(key)
@@ -72,14 +79,18 @@ class LatentCache:
                     self._store[key] = cached
             if cached is None:
                 self.misses += 1
-                cached = vae.encode(pixels[i : i + 1]).latent_dist.parameters[0].to("cpu")
+                image = pixels[i : i + 1].to(device, dtype=vae.dtype)
+                cached = vae.encode(image).latent_dist.parameters[0].to("cpu")
                 self._store[key] = cached
                 if self.backing is not None:
                     self.backing.put(key, cached)
             else:
                 self.hits += 1
             rows.append(cached)
-        return torch.stack(rows).to(pixels.device)
+        stacked = torch.stack(rows)
+        if device.type == "cuda":  # page-locked, so the copy does not stall the host
+            stacked = stacked.pin_memory()
+        return stacked.to(device, non_blocking=True)
 
 
 @torch.no_grad()
@@ -90,10 +101,12 @@ def encode(
     cache: LatentCache | None = None,
     keys: list[CacheKey] | None = None,
 ) -> torch.Tensor:
-    """Scaled fp32 latents sampled from the VAE's posterior for `pixels` in [-1, 1]."""
+    """Scaled fp32 latents sampled from the VAE's posterior for `pixels` in [-1, 1], on the
+    generator's device (`pixels` may be on the host)."""
+    device = generator.device
     if cache is not None and keys is not None:
-        distribution = DiagonalGaussianDistribution(cache.parameters(vae, pixels, keys))
+        distribution = DiagonalGaussianDistribution(cache.parameters(vae, pixels, keys, device))
     else:
-        distribution = vae.encode(pixels).latent_dist
+        distribution = vae.encode(pixels.to(device, dtype=vae.dtype, non_blocking=True)).latent_dist
     latents = distribution.sample(generator=generator).float()
     return latents * vae.config["scaling_factor"]

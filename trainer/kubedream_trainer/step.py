@@ -61,9 +61,11 @@ def micro_batch_loss(
     components: Components = trainee.components
     generator = trainee.generator
     scheduler = components.noise_scheduler
-    # Asynchronous from the loader's page-locked batches; a plain copy otherwise.
-    pixels = pixel_values.to(accelerator.device, dtype=components.vae.dtype, non_blocking=True)
-    clean = latents.encode(components.vae, pixels, generator, trainee.latent_cache, cache_keys)
+    # The pixels go to the device inside `latents.encode`: all of them without a latent cache
+    # (asynchronously from the loader's page-locked batches), only the missing ones with it.
+    clean = latents.encode(
+        components.vae, pixel_values, generator, trainee.latent_cache, cache_keys
+    )
     noise = losses.sample_noise(clean, spec.offset_noise, generator)
     timesteps = losses.sample_timesteps(clean.shape[0], scheduler, generator)
     noisy = scheduler.add_noise(clean, noise, cast(torch.IntTensor, timesteps))
