@@ -151,3 +151,20 @@ def test_adafactor_with_cosine_schedule_decays_to_zero(tmp_path: Path, data_root
     assert train(job) == 0
     assert read_json(output / "progress.json")["learningRate"] == pytest.approx(0.0, abs=1e-12)
     assert committed_steps(output) == [4]
+
+
+def test_gradient_checkpointing_reaches_a_trained_sd1_text_encoder() -> None:
+    """transformers 5 warns on the old switch's name, and warnings fail the suite."""
+    from kubedream_operator.spec import ModelSpec, TrainingSpec
+    from kubedream_trainer.models import load_components
+    from kubedream_trainer.tiny import tiny_model_dir
+
+    components = load_components(tiny_model_dir("sd1"), ModelSpec(base="tiny"), False)
+    spec = TrainingSpec.model_validate(
+        {"maxSteps": 1, "gradientCheckpointing": True, "textEncoderLearningRate": 1e-5}
+    )
+    trainee.build(components, spec, torch.device("cpu"), total_steps=1, rank=0)
+    encoder = components.text_encoder
+    flag = "is_activation_checkpointing"
+    assert getattr(encoder, flag if hasattr(encoder, flag) else "is_gradient_checkpointing")
+    assert components.unet.is_gradient_checkpointing

@@ -40,6 +40,14 @@ Size = tuple[int, int]
 """(height, width) in pixels, SDXL's order."""
 
 
+def enable_text_checkpointing(encoder: torch.nn.Module) -> None:
+    """Recompute a text encoder's activations in backward. transformers 5 renamed the switch
+    `activation_checkpointing_enable` (the old name warns); older releases only have the old
+    name, and `SDXLTextEncoders` offers the old name for its pair."""
+    enable = getattr(encoder, "activation_checkpointing_enable", None)
+    (enable or encoder.gradient_checkpointing_enable)()
+
+
 class SDXLTextEncoders(torch.nn.Module):
     """CLIP-L and CLIP-G as one module; its state dict prefixes their keys with
     `text_encoder.` and `text_encoder_2.`."""
@@ -52,11 +60,9 @@ class SDXLTextEncoders(torch.nn.Module):
         self.text_encoder_2 = text_encoder_2
 
     def gradient_checkpointing_enable(self) -> None:
-        """Recompute both encoders' activations in backward (transformers 5 renamed the
-        switch `activation_checkpointing_enable`; older releases only have the old name)."""
+        """Recompute both encoders' activations in backward."""
         for encoder in (self.text_encoder, self.text_encoder_2):
-            enable = getattr(encoder, "activation_checkpointing_enable", None)
-            (enable or encoder.gradient_checkpointing_enable)()
+            enable_text_checkpointing(encoder)
 
     def forward(
         self, input_ids: torch.Tensor, input_ids_2: torch.Tensor

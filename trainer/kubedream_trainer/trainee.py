@@ -30,6 +30,7 @@ from .errors import JobError
 from .latents import LatentCache
 from .models import Components
 from .optim import build_lr_scheduler, build_optimizer, param_groups
+from .sdxl import enable_text_checkpointing
 from .state import LoadedState, Position, restore_rng
 
 
@@ -100,7 +101,7 @@ def build(
     if spec.gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
         if trains_text:
-            components.text_encoder.gradient_checkpointing_enable()
+            enable_text_checkpointing(components.text_encoder)
     groups = param_groups(
         spec,
         components.unet.parameters(),
