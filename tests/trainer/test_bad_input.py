@@ -44,6 +44,19 @@ def test_an_invalid_spec_lists_every_field_and_writes_nothing(
     assert not (tmp_path / "out").exists()
 
 
+def test_an_output_that_cannot_be_written_fails_naming_the_field(
+    tmp_path: Path, data_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    output = blocker / "out"
+    assert train(write_job(tmp_path / "job.yaml", data_root, output)) == ExitCode.INVALID_JOB
+    err = capsys.readouterr().err
+    assert f"spec.output.uri: cannot write to the local folder '{output}'" in err
+    assert "Traceback" not in err
+    assert blocker.read_text() == "not a folder"
+
+
 @pytest.mark.parametrize(
     ("base", "expected"),
     [

@@ -1,11 +1,11 @@
 """Start-up checks of every S3 location a job names, before any data is scanned or any
-model is loaded on a GPU.
+model is loaded on a GPU, and that a local output folder can be written.
 
 Wrong credentials, a missing bucket or an empty prefix are the user's mistakes: each is a
-`JobError` (exit 1) whose message names the spec field, the endpoint, the bucket and the
+`JobError` (exit 2) whose message names the spec field, the endpoint, the bucket and the
 key, and all of them are reported at once. An endpoint that cannot be reached is retried
 for `PREFLIGHT_BUDGET_S` seconds and then is a `StorageError` (exit 4, temporary: the pod
-is retried). Local paths are checked where they are used (the scanner, `models`).
+is retried). Local inputs are checked where they are used (the scanner, `models`).
 
 `check_output` runs in `train_cli` before the session opens (the output must be readable
 to take its lease); `check_inputs` runs first thing in `loop.train`, so a failure is also
@@ -13,6 +13,9 @@ recorded in progress.json.
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 from kubedream_operator.spec import TINY_MODEL, TINY_SDXL_MODEL, FineTuneJobSpec
 
@@ -41,11 +44,29 @@ def _check(uri: str, settings: object, require: str | None) -> str | None:
 
 
 def check_output(spec: FineTuneJobSpec) -> None:
-    """JobError when spec.output.uri is on S3 and its bucket is missing or not accessible."""
+    """JobError when spec.output.uri is on S3 and its bucket is missing or not accessible, or
+    is a local folder that cannot be created or written."""
     if is_s3_uri(spec.output.uri):
         problem = _check(spec.output.uri, spec.storage, None)
         if problem:
             raise JobError(f"spec.output.uri: {problem}")
+    else:
+        _check_local_output(Path(spec.output.uri).expanduser())
+
+
+def _check_local_output(folder: Path) -> None:
+    """Create the folder and write (then remove) a probe file in it."""
+    probe = folder / f".kubedream-write-probe-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise JobError(
+            f"spec.output.uri: cannot write to the local folder {str(folder)!r} ({reason}); "
+            "point it at a folder this user can create and write"
+        ) from exc
 
 
 def check_inputs(spec: FineTuneJobSpec) -> None:
