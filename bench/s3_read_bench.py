@@ -37,7 +37,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -255,7 +255,7 @@ def main() -> None:
             )
         print(f"{result['latency_ms']:>6.0f}ms  scan (16 threads): {result['scan_s']:.2f} s")
     output = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "images": args.images,
         "size": args.size,
         "batch": BATCH,

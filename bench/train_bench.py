@@ -707,7 +707,7 @@ def main() -> int:
         row["ratioToBare"] = round(measured / rate, 3) if rate and measured else None
 
     result = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),

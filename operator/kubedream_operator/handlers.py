@@ -27,7 +27,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import kopf
@@ -201,7 +201,7 @@ def reconcile(
         progress_known=progress_known,
         previous=previous,
     )
-    derived = derive_status(observed, now or datetime.now(timezone.utc))
+    derived = derive_status(observed, now or datetime.now(UTC))
     return Outcome(
         derived,
         status_patch(previous, derived),

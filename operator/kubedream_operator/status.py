@@ -16,15 +16,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from enum import Enum
+from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from . import contract
 from .spec import FineTuneJobSpec
 
 
-class Phase(str, Enum):
+class Phase(StrEnum):
     """The one-word state of a FineTuneJob (`status.phase`)."""
 
     PENDING = "Pending"
@@ -105,7 +105,7 @@ def finished(previous: Mapping[str, Any], generation: int | None) -> bool:
 
 def timestamp(moment: datetime) -> str:
     """RFC 3339 in UTC with second precision, as Kubernetes writes times."""
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _true_condition(obj: Mapping[str, Any] | None, *types: str) -> Mapping[str, Any] | None:

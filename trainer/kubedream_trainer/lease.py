@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from .errors import OutputLockedError
@@ -143,8 +143,4 @@ class OutputLease:
 
 
 def _iso(ts: float) -> str:
-    return (
-        datetime.fromtimestamp(ts, timezone.utc)
-        .isoformat(timespec="seconds")
-        .replace("+00:00", "Z")
-    )
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -28,7 +28,7 @@ import json
 import math
 import sys
 import time
-from enum import Enum
+from enum import StrEnum
 from typing import Any, TextIO
 
 from tqdm import tqdm
@@ -39,7 +39,7 @@ from .storage import Storage
 PROGRESS_KEY = "progress.json"
 
 
-class Phase(str, Enum):
+class Phase(StrEnum):
     """Values of progress.json's `phase`."""
 
     STARTING = "Starting"

@@ -44,8 +44,8 @@ def enable_text_checkpointing(encoder: torch.nn.Module) -> None:
     """Recompute a text encoder's activations in backward. transformers 5 renamed the switch
     `activation_checkpointing_enable` (the old name warns); older releases only have the old
     name, and `SDXLTextEncoders` offers the old name for its pair."""
-    enable = getattr(encoder, "activation_checkpointing_enable", None)
-    (enable or encoder.gradient_checkpointing_enable)()
+    new_name = "activation_checkpointing_enable"
+    getattr(encoder, new_name if hasattr(encoder, new_name) else "gradient_checkpointing_enable")()
 
 
 class SDXLTextEncoders(torch.nn.Module):

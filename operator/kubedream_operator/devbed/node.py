@@ -24,7 +24,7 @@ VERSION = "v0.1.0-kubedream-node-agent"
 
 
 def _now_micro() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _memory_kib() -> int:
