@@ -40,9 +40,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         job = load_job(args.job)
     except SpecError as exc:
-        print(f"{args.job}: invalid", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+        print(exc.report(args.job), file=sys.stderr)
         return 1
     defaults = OperatorDefaults(trainer_image=args.image) if args.image else OperatorDefaults()
     owner = Owner(

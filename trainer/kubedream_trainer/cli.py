@@ -35,9 +35,7 @@ def _validate(args: argparse.Namespace) -> int:
         try:
             job = load_job(path)
         except SpecError as exc:
-            print(f"{path}: invalid", file=sys.stderr)
-            for problem in exc.problems:
-                print(f"  {problem}", file=sys.stderr)
+            print(exc.report(path), file=sys.stderr)
             status = 1
         else:
             print(f"{path}: FineTuneJob {job.name!r} is valid")

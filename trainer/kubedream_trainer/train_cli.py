@@ -77,9 +77,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         job = load_job(args.job)
     except SpecError as exc:
-        print(f"{args.job}: invalid", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+        print(exc.report(args.job), file=sys.stderr)
         return int(ExitCode.INVALID_JOB)
     _quiet_libraries()
     from torch.distributed import DistError

@@ -32,6 +32,10 @@ class SpecError(ValueError):
         self.source = source
         super().__init__(f"{source} is invalid:\n" + "\n".join(f"  {p}" for p in self.problems))
 
+    def report(self, path: object) -> str:
+        """What the CLI prints for the manifest at `path`: a heading, then one problem a line."""
+        return "\n".join([f"{path}: invalid", *(f"  {p}" for p in self.problems)])
+
 
 @dataclass(frozen=True)
 class FineTuneJob:
