@@ -15,9 +15,11 @@ fields that changed plus the Event for a new phase. The handlers write those thr
   and writing status heals on the next tick.
 - every watch event: the phase gauge.
 
-No finalizer: the children carry controller owner references, so the garbage collector
-deletes them with the FineTuneJob. Nothing here sleeps; retries are kopf's, bounded by
-KUBEDREAM_HANDLER_RETRIES with exponential backoff.
+No finalizer of ours: the children carry controller owner references, so the garbage
+collector deletes them with the FineTuneJob (kopf adds its own finalizer because of the timer).
+Nothing here sleeps: retries are kopf's, bounded by KUBEDREAM_HANDLER_RETRIES with exponential
+backoff, and progress.json is read with one attempt per request (a failed read leaves the
+progress fields as they were until the next tick).
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ class ProgressReader:
             if storage is not None:
                 self._storages.move_to_end(key)
                 return storage
-        storage = open_storage(spec.output.uri, spec.storage)
+        storage = open_storage(spec.output.uri, spec.storage, patient=False)
         with self._lock:
             self._storages[key] = storage
             while len(self._storages) > CACHE_SIZE:

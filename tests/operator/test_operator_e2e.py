@@ -322,11 +322,11 @@ def test_an_evicted_trainer_is_replaced_without_spending_the_backoff_limit_and_r
 def test_a_trainer_that_keeps_crashing_fails_after_the_backoff_limit(
     tmp_path: Path, jobs: Jobs, operator: Operator, minio: Minio
 ) -> None:
-    blocker = tmp_path / "a-file"
-    blocker.write_text("not a folder")
+    output = tmp_path / "run"
+    (output / "progress.json").mkdir(parents=True)  # writing progress.json crashes: exit 1
     name = "crashing"
     spec = minio.spec("unused", runPolicy={"backoffLimit": 1})
-    spec["output"]["uri"] = str(blocker / "run")  # cannot be created: a crash, exit 1
+    spec["output"]["uri"] = str(output)
     jobs.create(name, spec)
     status = _ended(jobs, name, 180)
     assert status["phase"] == "Failed"
@@ -334,7 +334,7 @@ def test_a_trainer_that_keeps_crashing_fails_after_the_backoff_limit(
     assert (failed["status"], failed["reason"]) == ("True", "BackoffLimitExceeded")
     assert "backoff limit" in failed["message"]
     assert "trainer exited with code 1 (a crash, or a failed worker)" in failed["message"]
-    assert "Not a directory" in failed["message"]  # the trainer's last log line
+    assert "Is a directory" in failed["message"]  # the trainer's last log line
     pods = jobs.pods(name)
     assert len(pods) == 2  # the first try and one retry
     assert [p["status"]["phase"] for p in pods] == ["Failed", "Failed"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -35,9 +36,9 @@ def test_storages_are_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
     real = progress.open_storage
 
-    def counting(uri: str, settings: object | None = None) -> progress.Storage:
+    def counting(uri: str, settings: object | None = None, **kw: bool) -> progress.Storage:
         opened.append(uri)
-        return real(uri, settings)
+        return real(uri, settings, **kw)
 
     monkeypatch.setattr(progress, "open_storage", counting)
     read = ProgressReader()
@@ -45,3 +46,31 @@ def test_storages_are_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     read(spec)
     read(spec)
     assert opened == [str(tmp_path)]
+
+
+def test_an_unreachable_s3_output_fails_fast_without_retrying(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The status timer runs in kopf's worker threads: an S3 outage must not hold one for the
+    trainer's retry budget (120 s) or botocore's retries."""
+    import socket
+
+    import kubedream_trainer.storage.retry as retry
+
+    sleeps: list[float] = []
+    monkeypatch.setattr(retry.time, "sleep", lambda s: sleeps.append(s))
+    with socket.socket() as closed:  # a free port that nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    spec = parse_spec(
+        minimal_spec(
+            output={"uri": "s3://bucket/run"},
+            storage={"endpoint": f"http://127.0.0.1:{port}"},
+        )
+    )
+    started = time.monotonic()
+    assert ProgressReader()(spec) == (None, False)
+    assert time.monotonic() - started < 5
+    assert sleeps == []

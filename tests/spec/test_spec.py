@@ -170,6 +170,18 @@ def test_every_problem_is_reported_at_once() -> None:
     ]
 
 
+def test_a_missing_length_is_reported_with_the_other_training_problems() -> None:
+    doc = with_change("spec.training.epochs", DELETE)
+    doc["spec"]["training"].pop("maxSteps", None)
+    doc["spec"]["training"]["batchSize"] = 0
+    doc["spec"]["output"]["keepLast"] = 0
+    assert problems(doc) == [
+        "spec.training.batchSize: must be >= 1, got 0",
+        "spec.training: set epochs or maxSteps (or both)",
+        "spec.output.keepLast: must be >= 1, got 0",
+    ]
+
+
 def test_validate_command_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(VALID))

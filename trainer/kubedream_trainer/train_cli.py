@@ -2,7 +2,7 @@
 
 Loads and validates the job, opens the session (Accelerator, output lease), runs the loop
 and turns every ending into a message and an exit code (`errors.ExitCode`, documented in
-docs/trainer.md): 0 finished, 1 the job must be fixed, 3 diverged, 4 storage, 75 output
+docs/trainer.md): 0 finished, 1 a crash (retryable), 2 the job must be fixed, 3 diverged, 4 storage, 75 output
 held by another trainer, 143/130 stopped by SIGTERM/SIGINT with a committed checkpoint.
 A failure after the lease is taken is also written to progress.json (phase Failed), so the
 operator can show it. Called by `kubedream_trainer.cli`.

@@ -16,7 +16,7 @@ import yaml
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
-from .model import API_VERSION, KIND, FineTuneJobSpec
+from .model import API_VERSION, KIND, LENGTH_MISSING, FineTuneJobSpec
 
 # A Job's pods are named <job>-<index>-<5 random chars>; keep room for that under 63.
 MAX_NAME_LENGTH = 52
@@ -117,7 +117,20 @@ def parse_spec(spec: Any) -> FineTuneJobSpec:
     try:
         return FineTuneJobSpec.model_validate(dict(spec))
     except ValidationError as exc:
-        raise SpecError(problems_from(exc)) from None
+        problems = problems_from(exc)
+        # The model checks "epochs or maxSteps" only once every training field is valid;
+        # report it with the other problems all the same.
+        training = spec.get("training")
+        if (
+            isinstance(training, Mapping)
+            and all(training.get(k) is None for k in ("epochs", "maxSteps", "max_steps"))
+            and f"spec.training: {LENGTH_MISSING}" not in problems
+        ):
+            after = [i for i, p in enumerate(problems) if p.startswith("spec.training")]
+            problems.insert(
+                after[-1] + 1 if after else len(problems), f"spec.training: {LENGTH_MISSING}"
+            )
+        raise SpecError(problems) from None
 
 
 def parse_manifest(manifest: Any, source: str = "FineTuneJob") -> FineTuneJob:

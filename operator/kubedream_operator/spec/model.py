@@ -24,6 +24,8 @@ API_VERSION = f"{GROUP}/{VERSION}"
 
 TINY_MODEL = "tiny"
 """`spec.model.base` value that selects a tiny SD-architecture model built in code."""
+LENGTH_MISSING = "set epochs or maxSteps (or both)"
+"""The problem reported for a `spec.training` that says neither how many epochs nor steps."""
 TINY_SDXL_MODEL = "tiny-sdxl"
 """`spec.model.base` value that selects a tiny SDXL-architecture model built in code."""
 
@@ -164,7 +166,7 @@ class TrainingSpec(_Model):
     @model_validator(mode="after")
     def _length(self) -> TrainingSpec:
         if self.epochs is None and self.max_steps is None:
-            raise PydanticCustomError("kd_missing", "set epochs or maxSteps (or both)", {})
+            raise PydanticCustomError("kd_missing", LENGTH_MISSING, {})
         return self
 
 

@@ -129,16 +129,23 @@ def is_s3_uri(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
-def open_storage(uri: str, settings: object | None = None) -> Storage:
+def open_storage(uri: str, settings: object | None = None, *, patient: bool = True) -> Storage:
     """A Storage for a local path or s3://bucket/prefix.
 
     `settings` is the job's `spec.storage` (StorageSpec) for S3 roots; None uses the
-    standard AWS environment and credential chain.
+    standard AWS environment and credential chain. `patient=False` (for callers that must not
+    block, such as the operator's status timer) makes one attempt per S3 request with no
+    retries, so an outage fails fast instead of backing off.
     """
     if is_s3_uri(uri):
-        from .s3 import S3Storage
+        from .retry import RetryPolicy
+        from .s3 import S3Storage, make_client
 
-        return S3Storage(uri, settings)
+        if patient:
+            return S3Storage(uri, settings)
+        return S3Storage(
+            uri, settings, make_client(settings, attempts=1), retry=RetryPolicy(budget_s=0)
+        )
     from .local import LocalStorage
 
     return LocalStorage(uri)
