@@ -9,8 +9,8 @@
    switch and the `crds.keep` resource policy. The CRD's `spec` is copied verbatim.
 2. manifests/kubedream.yaml is `helm template` of the chart with its default values (release
    and namespace `kubedream`), after a Namespace labelled for the `restricted` Pod Security
-   Standard. kopf's peering CRDs (the chart's crds/) are left out: the default single replica
-   does not peer.
+   Standard. kopf's peering CRDs are not in it: the chart renders them only when peering, and
+   the default single replica does not peer.
 
 Run it with the project's Python (.venv). The helm binary is $HELM, else the test bed's (scripts/build-testbed.sh builds it), else `helm`
 on PATH. tests/chart checks that both files are in sync.

@@ -149,6 +149,21 @@ def chart_objects(rest: KubeRest, release: str, namespaces: list[str]) -> list[s
     return sorted(found)
 
 
+def cluster_scoped(rest: KubeRest) -> set[str]:
+    """Every CRD, ClusterRole and ClusterRoleBinding in the cluster, as 'Kind name': compared
+    before install and after uninstall, so that anything left behind (labelled or not) shows."""
+    paths = {
+        "CustomResourceDefinition": CRDS,
+        "ClusterRole": "/apis/rbac.authorization.k8s.io/v1/clusterroles",
+        "ClusterRoleBinding": "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
+    }
+    return {
+        f"{kind} {item['metadata']['name']}"
+        for kind, path in paths.items()
+        for item in rest.get(path)["items"]
+    }
+
+
 class ChartOperator:
     """The chart's operator pod, run as a local process with the chart's ServiceAccount token."""
 
@@ -369,6 +384,7 @@ def test_cluster_wide_install_runs_jobs_under_the_restricted_profile_and_uninsta
         "s3.credentialsSecret": "minio-credentials",
         "s3.operatorCredentialsSecret": S3_SECRET,
     }
+    before = cluster_scoped(rest)
     warnings = helm_install(bed, rest, release, namespace, values)
     assert "PodSecurity" not in warnings, warnings  # the namespace warns on violating templates
     try:
@@ -406,6 +422,7 @@ def test_cluster_wide_install_runs_jobs_under_the_restricted_profile_and_uninsta
     assert chart_objects(rest, release, [namespace, jobs_namespace]) == [
         f"CustomResourceDefinition {CRD_NAME}"
     ]
+    assert cluster_scoped(rest) - before <= {f"CustomResourceDefinition {CRD_NAME}"}
     crd = rest.get(f"{CRDS}/{CRD_NAME}")
     assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     kept = f"/apis/{API_VERSION}/namespaces/{jobs_namespace}/finetunejobs/tiny-local"
@@ -434,8 +451,13 @@ def test_namespace_scoped_peered_install_runs_jobs_and_uninstall_removes_everyth
         "s3.addressingStyle": "path",
         "s3.credentialsSecret": S3_SECRET,
     }
+    before = cluster_scoped(rest) - {f"CustomResourceDefinition {CRD_NAME}"}
     helm_install(bed, rest, release, namespace, values)
     try:
+        # The peering CRDs came with the release (peering on), as its own objects.
+        for name in ("kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"):
+            labels = rest.get(f"{CRDS}/{name}")["metadata"]["labels"]
+            assert labels["app.kubernetes.io/instance"] == release
         # No cluster-wide write access: the operator's rules are a Role in the jobs' namespace.
         assert _get(rest, f"/apis/rbac.authorization.k8s.io/v1/clusterroles/{release}") is None
         peering = f"/apis/kopf.dev/v1/namespaces/{jobs_namespace}/kopfpeerings/{release}"
@@ -478,3 +500,9 @@ def test_namespace_scoped_peered_install_runs_jobs_and_uninstall_removes_everyth
         "every object of the release, the CRD included, to be gone",
     )
     assert _get(rest, f"{CRDS}/{CRD_NAME}") is None
+    # Nothing cluster-scoped left behind: kopf's peering CRDs went with the release.
+    wait_for(
+        lambda: cluster_scoped(rest) == before,
+        60,
+        "the CRDs, ClusterRoles and ClusterRoleBindings to be as before the install",
+    )

@@ -193,7 +193,8 @@ def test_custom_values_scope_rbac_to_namespaces_and_peer_the_replicas(render: Re
     assert env["AWS_ACCESS_KEY_ID"] == {
         "secretKeyRef": {"name": "s3-keys", "key": "AWS_ACCESS_KEY_ID", "optional": True}
     }
-    assert "annotations" not in one(docs, "CustomResourceDefinition")["metadata"]
+    crd = one(docs, "CustomResourceDefinition", build_crd()["metadata"]["name"])
+    assert "annotations" not in crd["metadata"]
 
 
 def test_cluster_wide_peering_uses_a_cluster_peering_object(render: Render) -> None:
@@ -205,14 +206,28 @@ def test_cluster_wide_peering_uses_a_cluster_peering_object(render: Render) -> N
         {"apiGroups": ["kopf.dev"], "resources": ["clusterkopfpeerings"], "resourceNames": ["kubedream-peers"], "verbs": ["get", "patch"]},
         {"apiGroups": ["kopf.dev"], "resources": ["clusterkopfpeerings"], "verbs": ["list", "watch"]},
     ]  # fmt: skip
-    # The peering CRDs ship in crds/ (installed before the templates that use them).
-    crds = render({}, "--include-crds")
-    names = {d["metadata"]["name"] for d in find(crds, "CustomResourceDefinition")}
+    # The peering CRDs are templates, rendered only with peering (so `helm uninstall` removes
+    # them), labelled and kept like the FineTuneJob CRD; the peering object is a post-install hook
+    # (Helm cannot map its kind before the CRD exists).
+    names = {d["metadata"]["name"] for d in find(docs, "CustomResourceDefinition")}
     assert names == {
         build_crd()["metadata"]["name"],
         "kopfpeerings.kopf.dev",
         "clusterkopfpeerings.kopf.dev",
     }
+    for crd in find(docs, "CustomResourceDefinition"):
+        assert crd["metadata"]["labels"]["app.kubernetes.io/instance"] == "kd"
+        assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    hook = one(docs, "ClusterKopfPeering")["metadata"]["annotations"]
+    assert hook["helm.sh/hook"] == "post-install,post-upgrade"
+    unkept = render({"peering.mode": "always", "crds.keep": False})
+    assert all("annotations" not in d["metadata"] for d in find(unkept, "CustomResourceDefinition"))
+    # Without peering (the default) or without crds.install, no kopf.dev CRD at all.
+    for values in ({}, {"peering.mode": "always", "crds.install": False}):
+        crds = render(values, "--include-crds")
+        assert not [
+            d for d in find(crds, "CustomResourceDefinition") if "kopf.dev" in d["metadata"]["name"]
+        ]
 
 
 def test_switches_leave_out_what_they_disable(render: Render) -> None:

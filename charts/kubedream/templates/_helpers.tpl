@@ -138,3 +138,21 @@ what the operator calls (kubedream_operator.k8s, kopf's watching, patching and e
   resources: [{{ if include "kubedream.clusterWide" . }}"clusterkopfpeerings"{{ else }}"kopfpeerings"{{ end }}]
   verbs: ["list", "watch"]
 {{- end -}}
+
+{{/* "true" when the chart may render the kopf peering CRD named by the list's second item:
+it does not exist yet, or this release owns it (lookup is empty under `helm template`). */}}
+{{- define "kubedream.ownPeeringCrd" -}}
+{{- $root := index . 0 -}}
+{{- $existing := lookup "apiextensions.k8s.io/v1" "CustomResourceDefinition" "" (index . 1) -}}
+{{- if not $existing -}}true
+{{- else -}}
+{{- $annotations := $existing.metadata.annotations | default dict -}}
+{{- if and (eq (get $annotations "meta.helm.sh/release-name") $root.Release.Name) (eq (get $annotations "meta.helm.sh/release-namespace") $root.Release.Namespace) -}}true{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Hook annotations of the kopf peering objects (see peering.yaml). */}}
+{{- define "kubedream.peeringHook" -}}
+helm.sh/hook: post-install,post-upgrade
+helm.sh/hook-delete-policy: before-hook-creation
+{{- end -}}
