@@ -268,6 +268,13 @@ def test_checkpoints_samples_and_progress_are_in_s3(world: World, runs: dict[str
     assert progress["checkpoints"] == [
         f"s3://{bucket}/runs/resumed/checkpoints/step-{n}" for n in (2, 3, 4, 6, 8)
     ]
+    logs = sorted(k for k in keys(s3, bucket, "runs/resumed") if k.startswith("logs/"))
+    assert len(logs) >= 2, logs  # one per run (the first run, then the resume)
+    said = [
+        s3.get_object(Bucket=bucket, Key=f"runs/resumed/{k}")["Body"].read().decode()
+        for k in logs
+    ]
+    assert any("checkpoint committed" in text for text in said)
     root = keys(s3, bucket, "runs/resumed")
     assert "lease.json" not in root
     assert "dataset-manifest.json" in root

@@ -202,3 +202,11 @@ def test_finished_job_started_again_exits_zero_without_training(
     progress = read_json(run["output"] / "progress.json")
     assert (progress["phase"], progress["step"]) == ("Succeeded", 4)
     assert "already finished" in progress["message"]
+
+
+def test_what_the_run_said_is_kept_in_the_output(run: dict[str, Any]) -> None:
+    logs = list((run["output"] / "logs").iterdir())  # one per run (other tests start it again)
+    assert logs
+    assert all(log.suffix == ".log" and "-rank0-" in log.name for log in logs)
+    said = [log.read_text() for log in logs]
+    assert any("checkpoint committed" in text and "finished 4 steps" in text for text in said)

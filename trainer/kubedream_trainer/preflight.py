@@ -55,18 +55,21 @@ def check_output(spec: FineTuneJobSpec) -> None:
 
 
 def _check_local_output(folder: Path) -> None:
-    """Create the folder and write (then remove) a probe file in it."""
-    probe = folder / f".kubedream-write-probe-{os.getpid()}"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
+    """The folder, or the nearest part of its path that exists, must be a writable folder.
+    Nothing is created here: a job that fails a later start-up check leaves no trace."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    reason = None
+    if not existing.is_dir():
+        reason = f"{str(existing)!r} is not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        reason = f"{str(existing)!r} is not writable by this user"
+    if reason:
         raise JobError(
             f"spec.output.uri: cannot write to the local folder {str(folder)!r} ({reason}); "
             "point it at a folder this user can create and write"
-        ) from exc
+        )
 
 
 def check_inputs(spec: FineTuneJobSpec) -> None:

@@ -11,16 +11,19 @@ operator can show it. Called by `kubedream_trainer.cli`.
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import sys
+import time
 
-from kubedream_operator.spec import SpecError, load_job
+from kubedream_operator.spec import FineTuneJob, SpecError, load_job
 
 from .config import TrainerEnv
 from .distributed import PeerLostError, launch, peer_lost, wants_launch
 from .errors import ExitCode, OutputError, OutputLockedError, TrainerError
 from .preflight import check_output
 from .progress import Phase, Progress
+from .runlog import captured_stderr, upload_log
 from .signals import StopRequest
 from .storage import StorageError
 
@@ -79,6 +82,14 @@ def run(args: argparse.Namespace) -> int:
     except SpecError as exc:
         print(exc.report(args.job), file=sys.stderr)
         return int(ExitCode.INVALID_JOB)
+    started = time.time()
+    with captured_stderr() as said:
+        return _train(args, job, said, started)
+
+
+def _train(args: argparse.Namespace, job: FineTuneJob, said: io.StringIO, started: float) -> int:
+    """`run` once the job is loaded: everything said on stderr is in `said`, and goes to the
+    output's logs/ when the session ends."""
     _quiet_libraries()
     from torch.distributed import DistError
 
@@ -108,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
             finally:
                 if not ended:  # a bug or a second Ctrl-C: the traceback follows
                     session.progress.phase(Phase.FAILED, "the trainer crashed; see its log")
+                rank = session.accelerator.process_index
+                upload_log(session.output, said.getvalue(), rank, started)
     except TrainerError as exc:  # before the session existed (device, lease, environment)
         print(f"kubedream: {exc.message}", file=sys.stderr)
         return int(exc.exit_code)
