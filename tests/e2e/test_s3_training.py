@@ -271,8 +271,7 @@ def test_checkpoints_samples_and_progress_are_in_s3(world: World, runs: dict[str
     logs = sorted(k for k in keys(s3, bucket, "runs/resumed") if k.startswith("logs/"))
     assert len(logs) >= 2, logs  # one per run (the first run, then the resume)
     said = [
-        s3.get_object(Bucket=bucket, Key=f"runs/resumed/{k}")["Body"].read().decode()
-        for k in logs
+        s3.get_object(Bucket=bucket, Key=f"runs/resumed/{k}")["Body"].read().decode() for k in logs
     ]
     assert any("checkpoint committed" in text for text in said)
     root = keys(s3, bucket, "runs/resumed")
