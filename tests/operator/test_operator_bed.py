@@ -347,3 +347,39 @@ def test_bad_data_fails_with_the_trainers_message(
     assert "no-such-folder" in failed["message"]  # the trainer's own words, via progress.json
     assert "exited with code 2" in failed["message"]
     assert len(jobs.pods("nodata")) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_an_operator_killed_before_writing_status_leaves_one_job_that_completes(
+    jobs: Jobs, operator: Operator, tmp_path: Path
+) -> None:
+    """The children exist (the Job controller already runs the trainer's pod) but no status was
+    written when the operator died: the restarted one adopts them, and the job completes."""
+    operator.kill()
+    created = jobs.create("crashed", _trainer_spec(tmp_path / "run", maxSteps=4))
+    owner = Owner("crashed", jobs.ns, created["metadata"]["uid"])
+    for obj in render_children(
+        owner, parse_spec(created["spec"]), OperatorDefaults(trainer_image="x:1")
+    ):
+        path = {
+            "ConfigMap": f"/api/v1/namespaces/{jobs.ns}/configmaps",
+            "Job": f"/apis/batch/v1/namespaces/{jobs.ns}/jobs",
+        }[obj["kind"]]
+        jobs.rest.post(path, copy.deepcopy(obj))
+    first = jobs.job("crashed")
+    assert first is not None
+    wait_for(lambda: jobs.pods("crashed"), 60, "the Job controller's pod")
+    assert jobs.status("crashed") == {}
+
+    operator.start()
+    wait_for(lambda: jobs.phase("crashed") in ("Succeeded", "Failed"), 240, "the job to end")
+    status = jobs.status("crashed")
+    assert status["phase"] == "Succeeded", status.get("message")
+    assert (status["step"], status["restarts"]) == (4, 0)
+    job = jobs.job("crashed")
+    assert job is not None
+    assert job["metadata"]["uid"] == first["metadata"]["uid"]  # adopted, not re-created
+    listed = jobs.rest.get(f"/apis/batch/v1/namespaces/{jobs.ns}/jobs")["items"]
+    assert [j["metadata"]["name"] for j in listed] == ["crashed"]
+    assert len(jobs.pods("crashed")) == 1  # one pod ran the training, none was duplicated
