@@ -46,7 +46,15 @@ from .render import (
     with_storage_defaults,
 )
 from .spec import GROUP, PLURAL, VERSION, FineTuneJobSpec, SpecError, parse_spec
-from .status import Observed, PhaseEvent, derive_status, finished, phase_event, status_patch
+from .status import (
+    Observed,
+    PhaseEvent,
+    derive_status,
+    ended_unseen,
+    finished,
+    phase_event,
+    status_patch,
+)
 
 STATUS_INTERVAL = float(os.environ.get("KUBEDREAM_STATUS_INTERVAL", "10"))
 """Seconds between status refreshes of each FineTuneJob."""
@@ -177,6 +185,8 @@ def reconcile(
     progress_known = False
     if parsed is not None:
         done = finished(previous, generation)
+        if not done:
+            progress, progress_known = ctx.read_progress(parsed)
         try:
             job = ensure_children(
                 ctx.kube,
@@ -184,14 +194,12 @@ def reconcile(
                 parsed,
                 ctx.defaults,
                 full=full,
-                create_job=not done,
+                create_job=not done and not ended_unseen(previous, generation, name, progress),
             )
         except k8s.ApiPermanentError as exc:
             rejected = (exc.reason, str(exc))
         if job is not None:
             pods = ctx.kube.job_pods(job)
-        if not done:
-            progress, progress_known = ctx.read_progress(parsed)
     observed = Observed(
         generation=generation,
         spec=parsed,

@@ -103,6 +103,25 @@ def finished(previous: Mapping[str, Any], generation: int | None) -> bool:
     )
 
 
+def ended_unseen(
+    previous: Mapping[str, Any],
+    generation: int | None,
+    name: str,
+    progress: Mapping[str, Any] | None,
+) -> bool:
+    """Whether this generation's Job already ran to the end but was deleted (a short
+    `ttlSecondsAfterFinished`) before a status tick saw it finish: this generation's status
+    says it was started, and the trainer of this job says Succeeded in progress.json. Then the
+    Job is not created again."""
+    return (
+        bool(previous.get("phase"))
+        and previous.get("observedGeneration") == generation
+        and progress is not None
+        and progress.get("phase") == "Succeeded"
+        and progress.get("job") == name
+    )
+
+
 def timestamp(moment: datetime) -> str:
     """RFC 3339 in UTC with second precision, as Kubernetes writes times."""
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -272,6 +291,15 @@ def _verdict(observed: Observed) -> _Verdict:
                 Phase(previous),
                 "JobDeleted",
                 f"{previous}; the trainer Job was deleted afterwards (ttlSecondsAfterFinished or by hand)",
+                True,
+            )
+        progress = observed.progress or {}
+        if progress.get("phase") == "Succeeded" and same_generation and previous:
+            return _Verdict(
+                Phase.SUCCEEDED,
+                "JobDeleted",
+                "training finished (progress.json says Succeeded); the trainer Job was deleted "
+                "before the operator saw it end (ttlSecondsAfterFinished)",
                 True,
             )
         return _Verdict(

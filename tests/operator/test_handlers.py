@@ -208,6 +208,24 @@ def test_finished_job_deleted_by_ttl_is_not_recreated(kube: FakeKube) -> None:
     assert status["phase"] == "Succeeded"
 
 
+def test_a_job_deleted_by_ttl_before_its_end_was_seen_is_not_recreated(kube: FakeKube) -> None:
+    running = {"phase": "Training", "job": "j", "step": 3, "totalSteps": 4}
+    started = settle(make_context(kube, running), minimal_spec())
+    assert started["phase"] in ("Pending", "Running")
+    del kube.objects[("Job", "ns", "j")]  # finished and deleted between two ticks
+    ended = {**running, "phase": "Succeeded", "step": 4}
+    status = settle(make_context(kube, ended), minimal_spec(), started, full=False)
+    assert kube.job("ns", "j") is None
+    assert status["phase"] == "Succeeded"
+    assert "progress.json says Succeeded" in status["message"]
+    # A new generation (say, more steps) runs again; so does a job whose trainer did not end.
+    settle(make_context(kube, ended), minimal_spec(), status, full=False, generation=2)
+    assert kube.job("ns", "j") is not None
+    del kube.objects[("Job", "ns", "j")]
+    settle(make_context(kube, running), minimal_spec(), started, full=False)
+    assert kube.job("ns", "j") is not None
+
+
 def test_progress_is_mirrored_and_kept_through_read_errors(kube: FakeKube) -> None:
     progress = {"epoch": 2, "totalEpochs": 3, "step": 40, "loss": 0.25, "imagesPerSecond": 9.5}
     status = settle(make_context(kube, progress), minimal_spec())
