@@ -6,12 +6,14 @@ address resolved to 127.0.0.1 by the agent), training to Succeeded.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from kubedream_operator.contract import MASTER_PORT
 from kubedream_operator.devbed.bed import BedInfo
 from tests.operator.bed_support import Jobs, Operator, establish_crd
 from tests.operator.helpers import minimal_spec
@@ -38,6 +40,15 @@ def operator(bed: BedInfo, namespace: str, jobs: Jobs, tmp_path: Path) -> Iterat
         running.stop()
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def _two_node_spec(output: Path) -> dict[str, Any]:
     return minimal_spec(
         data={"roots": [{"uri": str(TRAINING_ROOT)}], "resolution": 64, "loaderWorkers": 0},
@@ -52,6 +63,9 @@ def _two_node_spec(output: Path) -> dict[str, Any]:
 def test_two_pods_train_as_one_group_to_succeeded(
     jobs: Jobs, operator: Operator, tmp_path: Path
 ) -> None:
+    # All bed pods share the loopback: a rendezvous port still held by an earlier test's pod
+    # process would fail this group's node 0 (EADDRINUSE), so wait until it is free.
+    wait_for(lambda: _port_free(MASTER_PORT), 60, f"port {MASTER_PORT} to be free")
     output = tmp_path / "run"
     jobs.create("ddp", _two_node_spec(output))
     wait_for(lambda: jobs.phase("ddp") in ("Succeeded", "Failed"), 250, "the training to end")
