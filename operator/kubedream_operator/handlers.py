@@ -183,10 +183,12 @@ def reconcile(
     rejected: tuple[str, str] | None = None
     progress: dict[str, Any] | None = None
     progress_known = False
+    ended = False
     if parsed is not None:
         done = finished(previous, generation)
         if not done:
             progress, progress_known = ctx.read_progress(parsed)
+            ended = ended_unseen(previous, generation, name, progress)
         try:
             job = ensure_children(
                 ctx.kube,
@@ -194,7 +196,7 @@ def reconcile(
                 parsed,
                 ctx.defaults,
                 full=full,
-                create_job=not done and not ended_unseen(previous, generation, name, progress),
+                create_job=not done and not ended,
             )
         except k8s.ApiPermanentError as exc:
             rejected = (exc.reason, str(exc))
@@ -210,6 +212,7 @@ def reconcile(
         progress=progress,
         progress_known=progress_known,
         previous=previous,
+        ended_unseen=ended,
     )
     derived = derive_status(observed, now or datetime.now(UTC))
     return Outcome(

@@ -89,6 +89,8 @@ class Observed:
     """False when progress.json could not be read (a storage hiccup): progress fields stay as they are."""
     previous: Mapping[str, Any] = field(default_factory=dict)
     """The current `status` (for transition times and a finished phase whose Job is gone)."""
+    ended_unseen: bool = False
+    """The Job is gone but this generation's trainer ended (`ended_unseen`)."""
 
 
 def finished(previous: Mapping[str, Any], generation: int | None) -> bool:
@@ -293,8 +295,7 @@ def _verdict(observed: Observed) -> _Verdict:
                 f"{previous}; the trainer Job was deleted afterwards (ttlSecondsAfterFinished or by hand)",
                 True,
             )
-        progress = observed.progress or {}
-        if progress.get("phase") == "Succeeded" and same_generation and previous:
+        if observed.ended_unseen:
             return _Verdict(
                 Phase.SUCCEEDED,
                 "JobDeleted",

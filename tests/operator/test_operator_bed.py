@@ -227,14 +227,9 @@ def test_deleting_a_finetunejob_collects_its_children(
     assert jobs.get("gone") is None  # no finalizer held it back
 
 
-@pytest.mark.timeout(150)
-def test_a_restarted_operator_creates_no_duplicate(
-    bed: BedInfo, jobs: Jobs, operator: Operator
-) -> None:
-    # Children created, then the operator dies before writing any status.
-    operator.kill()
-    created = jobs.create("again", _bed_spec(bed, runPolicy={"suspend": True}))
-    owner = Owner("again", jobs.ns, created["metadata"]["uid"])
+def _create_children_as_the_operator_would(jobs: Jobs, created: dict[str, Any]) -> None:
+    """What an operator that dies right after creating the children leaves behind."""
+    owner = Owner(created["metadata"]["name"], jobs.ns, created["metadata"]["uid"])
     for obj in render_children(
         owner, parse_spec(created["spec"]), OperatorDefaults(trainer_image="x:1")
     ):
@@ -243,6 +238,16 @@ def test_a_restarted_operator_creates_no_duplicate(
             "Job": f"/apis/batch/v1/namespaces/{jobs.ns}/jobs",
         }[obj["kind"]]
         jobs.rest.post(path, copy.deepcopy(obj))
+
+
+@pytest.mark.timeout(150)
+def test_a_restarted_operator_creates_no_duplicate(
+    bed: BedInfo, jobs: Jobs, operator: Operator
+) -> None:
+    # Children created, then the operator dies before writing any status.
+    operator.kill()
+    created = jobs.create("again", _bed_spec(bed, runPolicy={"suspend": True}))
+    _create_children_as_the_operator_would(jobs, created)
     first = jobs.job("again")
     assert first is not None
     assert jobs.status("again") == {}
@@ -358,15 +363,7 @@ def test_an_operator_killed_before_writing_status_leaves_one_job_that_completes(
     written when the operator died: the restarted one adopts them, and the job completes."""
     operator.kill()
     created = jobs.create("crashed", _trainer_spec(tmp_path / "run", maxSteps=4))
-    owner = Owner("crashed", jobs.ns, created["metadata"]["uid"])
-    for obj in render_children(
-        owner, parse_spec(created["spec"]), OperatorDefaults(trainer_image="x:1")
-    ):
-        path = {
-            "ConfigMap": f"/api/v1/namespaces/{jobs.ns}/configmaps",
-            "Job": f"/apis/batch/v1/namespaces/{jobs.ns}/jobs",
-        }[obj["kind"]]
-        jobs.rest.post(path, copy.deepcopy(obj))
+    _create_children_as_the_operator_would(jobs, created)
     first = jobs.job("crashed")
     assert first is not None
     wait_for(lambda: jobs.pods("crashed"), 60, "the Job controller's pod")
