@@ -7,17 +7,22 @@ sides can import it.
 Exit codes of `kubedream train` are the trainer's (`kubedream_trainer.errors.ExitCode`,
 docs/trainer.md); what the Job does with each is decided here:
 
-- FailJob at once (no retry can help): INVALID_JOB and USAGE (2), DIVERGED (3). Exit code 1 is also what Python exits with on an uncaught exception and what torchrun
-  exits with when any worker fails, so 1 must stay retryable: a crash, a CUDA fault or one
-  lost rank of a multi-node job is worth a retry from the last checkpoint.
+- FailJob at once (no retry can help): INVALID_JOB and USAGE (2), DIVERGED (3). Exit code 1
+  is also what Python exits with on an uncaught exception and what a worker that lost its
+  process group exits with, so 1 must stay retryable: a crash, a CUDA fault or one lost rank
+  of a multi-node job is worth a retry from the last checkpoint.
 - Ignore (no retry counted): any exit of a pod with the `DisruptionTarget` condition
   (preemption, eviction, node drain, taint manager). The trainer checkpoints on SIGTERM
-  and exits 143; the replacement resumes.
+  and exits 143; the replacement resumes. Also PEER_STOPPED (76): the other pods of a
+  multi-node job whose one pod got the SIGTERM stop with it at the same step and exit 76;
+  the pod that got the signal is the one that counts (or is a disruption), so evicting one
+  pod of a group costs no retry at all.
 - Everything else counts against `runPolicy.backoffLimit` and is retried: 1, STORAGE (4),
   OUTPUT_LOCKED (75), 137 (SIGKILL, usually out of memory), a plain 143.
 
-Under torchrun every worker failure becomes torchrun's own exit 1, so FailJob only takes
-effect for single-process pods; elsewhere bad input costs the bounded retries.
+`kubedream train` under torchrun exits with its workers' code where it means the same for
+the group (`kubedream_trainer.distributed.exit_code_of`), so these rules hold for
+multi-process pods too.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ PERMANENT_EXIT_CODES: tuple[int, ...] = tuple(
     sorted({int(ExitCode.INVALID_JOB), int(ExitCode.USAGE), int(ExitCode.DIVERGED)} - {EXIT_CRASH})
 )
 """Trainer exit codes that fail the Job at once (the Job's podFailurePolicy, FailJob)."""
+
+IGNORED_EXIT_CODES: tuple[int, ...] = (int(ExitCode.PEER_STOPPED),)
+"""Trainer exit codes the Job does not count as failures (podFailurePolicy, Ignore)."""
 
 
 def exit_meaning(code: int) -> str | None:

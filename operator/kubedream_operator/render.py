@@ -8,8 +8,8 @@ prints them). For a job named N in namespace S:
 - Service `N` (only when the job runs more than one pod): headless, so that pod 0 of the
   Indexed Job is reachable as `N-0.N.S.svc`, the torch.distributed rendezvous address.
 - Job `N`: Indexed, one pod per node, `restartPolicy: Never`, a podFailurePolicy that ignores
-  disruptions and fails the Job at once on the trainer's permanent exit codes (see
-  `contract`), and pods without
+  disruptions and pods stopped with their group (exit 76), and fails the Job at once on the
+  trainer's permanent exit codes (see `contract`), and pods without
   Kubernetes API access (progress flows through storage, not the API).
 
 Every object carries the kubedream labels and a controller owner reference to the
@@ -218,7 +218,8 @@ def trainer_resources(spec: FineTuneJobSpec) -> dict[str, Any]:
 
 
 def pod_failure_policy() -> dict[str, Any]:
-    """Disruptions (preemption, eviction, node drain) are not failures; bad input fails the Job at once."""
+    """Disruptions (preemption, eviction, node drain) and a pod stopped because another pod of
+    its group was are not failures; bad input fails the Job at once (see `contract`)."""
     return {
         "rules": [
             {
@@ -231,6 +232,14 @@ def pod_failure_policy() -> dict[str, Any]:
                     "containerName": contract.CONTAINER_NAME,
                     "operator": "In",
                     "values": list(contract.PERMANENT_EXIT_CODES),
+                },
+            },
+            {
+                "action": "Ignore",
+                "onExitCodes": {
+                    "containerName": contract.CONTAINER_NAME,
+                    "operator": "In",
+                    "values": list(contract.IGNORED_EXIT_CODES),
                 },
             },
         ]

@@ -8,6 +8,7 @@ on the other and ends where an uninterrupted run ends; a killed rank fails the g
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -20,7 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import Run, command, read_records, run_train, write_job
+from .conftest import Run, command, free_port, read_records, run_train, write_job
 
 pytestmark = pytest.mark.slow
 
@@ -143,6 +144,63 @@ def test_resume_on_another_number_of_processes(
     _assert_close(rest.unet(STEPS), one_rank.unet(STEPS), dist_env)
 
 
+def test_resume_with_another_step_batch_continues_the_epoch(
+    tmp_path: Path, dist_env: dict[str, str], data: Path
+) -> None:
+    """2 processes × batch 1 stop after 3 of epoch 1's 4 step batches; 1 process × batch 1
+    (step batch 1) finishes the job: the 2 images epoch 1 had left are its next 2 steps,
+    so every image is trained exactly once in each epoch across the two runs."""
+    output = tmp_path / "out"
+    part = run_train(tmp_path / "a", dist_env, data, output, processes=2, epochs=2, maxSteps=3)
+    assert part.code == 0, part.log
+    rest = run_train(tmp_path / "b", dist_env, data, output, processes=1, epochs=2)
+    assert rest.code == 0, rest.log
+    assert "re-cut to this step batch" in rest.log
+    assert [r["step"] for r in rest.records[0]] == list(range(3, 3 + 2 + 8))
+    for epoch in (0, 1):
+        seen: Counter[int] = Counter()
+        for run in (part, rest):
+            for rank_records in run.records.values():
+                for record in rank_records:
+                    if record["epoch"] == epoch:
+                        seen.update(chain.from_iterable(record["indices"]))
+        assert seen == Counter(range(8)), f"epoch {epoch}: {seen}"
+    final = json.loads((output / "checkpoints/step-13/checkpoint.json").read_text())
+    assert final["final"] is True
+    assert final["position"]["epochIndex"] == 2
+
+
+def test_accumulation_under_ddp_matches_one_process(
+    tmp_path: Path, dist_env: dict[str, str], data: Path
+) -> None:
+    """2 processes × 2 micro-batches (no_sync on the first) and 1 process × 4 micro-batches
+    train the same step batches of 4: the same losses and weights."""
+    runs = {
+        processes: run_train(
+            tmp_path / str(processes),
+            dist_env,
+            data,
+            tmp_path / str(processes) / "out",
+            processes=processes,
+            epochs=2,
+            gradientAccumulation=4 // processes,
+        )
+        for processes in (2, 1)
+    }
+    for run in runs.values():
+        assert run.code == 0, run.log
+        assert [r["step"] for r in run.records[0]] == [0, 1, 2, 3]
+    two, one = runs[2], runs[1]
+    for mine, r0, r1 in zip(one.records[0], two.records[0], two.records[1], strict=True):
+        assert len(mine["indices"]) == 4
+        assert len(r0["indices"]) == 2
+        assert sorted(chain.from_iterable(mine["indices"])) == sorted(
+            chain.from_iterable(r0["indices"] + r1["indices"])
+        )
+    assert one.losses() == pytest.approx(two.losses(), rel=1e-4)
+    _assert_close(one.unet(4), two.unet(4), dist_env)
+
+
 def test_a_killed_rank_fails_the_group(
     tmp_path: Path, dist_env: dict[str, str], data: Path
 ) -> None:
@@ -185,6 +243,68 @@ def test_a_killed_rank_fails_the_group(
             launcher.wait()
     assert launcher.returncode == 1, log
     assert "training process 1 was killed by SIGKILL" in log, log
+
+
+def test_a_stopped_node_stops_the_group_and_the_other_node_exits_peer_stopped(
+    tmp_path: Path, dist_env: dict[str, str], data: Path
+) -> None:
+    """Two one-process "nodes" (two launchers, --nnodes 2, each with its own model cache, as
+    two pods). SIGTERM to node 0's launcher (what the kubelet does on eviction): both ranks
+    stop at the same step after one committed checkpoint; node 0 exits 143, node 1 exits 76
+    (peer stopped), the code the Job's podFailurePolicy ignores."""
+    debug = tmp_path / "records"
+    output = tmp_path / "out"
+    job = write_job(
+        tmp_path / "job.yaml",
+        data,
+        output,
+        name="stopped",
+        training={"batchSize": 1, "maxSteps": 10_000, "lrScheduler": "constant"},
+        output={"saveEverySteps": 1000},
+    )
+    port = str(free_port())
+    launchers = []
+    for node in (0, 1):
+        cmd = [*command(job, 1), "--nnodes", "2", "--node-rank", str(node)]
+        cmd += ["--master-addr", "127.0.0.1", "--master-port", port]
+        env = {
+            **dist_env,
+            "KUBEDREAM_DEBUG_BATCHES": str(debug),
+            "KUBEDREAM_CACHE_DIR": str(tmp_path / f"cache-{node}"),
+        }
+        launchers.append(
+            subprocess.Popen(
+                cmd,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
+        )
+    logs: list[str] = []
+    try:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and all(p.poll() is None for p in launchers):
+            if len(read_records(debug).get(1, [])) >= 2 if debug.is_dir() else False:
+                break
+            time.sleep(0.5)
+        assert all(p.poll() is None for p in launchers), "a node ended before training"
+        launchers[0].send_signal(signal.SIGTERM)
+        logs = [p.communicate(timeout=120)[0] for p in launchers]
+    finally:
+        for p in launchers:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    assert [p.returncode for p in launchers] == [143, 76], logs
+    records = read_records(debug)
+    last = records[0][-1]["step"]
+    assert records[1][-1]["step"] == last  # both ranks stopped after the same step
+    checkpoint = json.loads((output / f"checkpoints/step-{last + 1}/checkpoint.json").read_text())
+    assert checkpoint["step"] == last + 1
+    assert "stopped by signal 15" in logs[0], logs[0]
+    assert "rank 1 stopped with another training process that got a stop signal" in logs[1]
 
 
 def test_a_permanent_worker_code_is_the_launchers(tmp_path: Path, dist_env: dict[str, str]) -> None:

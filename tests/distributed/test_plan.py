@@ -30,7 +30,18 @@ def test_permanent_codes_match_the_operator_contract() -> None:
 
 @pytest.mark.parametrize(
     ("codes", "expected"),
-    [((1, 3), 3), ((-9, 2), 2), ((143, 143), 143), ((4, 1), 4), ((-9,), 1), ((1, -15), 1)],
+    [
+        ((1, 3), 3),
+        ((-9, 2), 2),
+        ((143, 143), 143),
+        ((4, 1), 4),
+        ((-9,), 1),
+        ((1, -15), 1),
+        ((76, 76), 76),
+        ((1, 76), 1),
+        ((76, 4), 4),
+        ((76, 143), 143),
+    ],
 )
 def test_group_exit_code(codes: tuple[int, ...], expected: int) -> None:
     assert exit_code_of(_failures(*codes)) == expected
@@ -95,13 +106,41 @@ def test_same_step_batch_same_plan_on_any_world(tmp_path: Path) -> None:
 
 
 def test_position_across_step_batch_sizes() -> None:
-    position = Position(step=3, epoch=1, batch_in_epoch=3, images_seen=14, epoch_images=6)
-    assert position.on_ranks(2, 1).batch_in_epoch == 3
-    assert position.on_ranks(2, 2) == Position(3, 1, 6, 14, 6)
-    # Another step batch: the step batch holding the next image, rounding down.
-    assert position.on_ranks(4, 1) == Position(3, 1, 1, 14, 4)
-    legacy = Position(step=3, epoch=0, batch_in_epoch=3)
-    assert legacy.on_ranks(4, 1) is legacy
-    advanced = Position(step=0, epoch=0, batch_in_epoch=0, epoch_images=-1).advanced(2, 4, 10)
-    assert advanced.epoch_images == 4
-    assert advanced.images_seen == 4
+    start = Position()
+    two = start.advanced(1, 2, 10).advanced(1, 2, 10)  # two steps of step batch 2 (2 ranks)
+    assert two.epoch_cuts == ((2, 2),)
+    assert (two.epoch_images, two.images_seen) == (4, 4)
+    # On one rank with accumulation 2 (the same step batch) the cuts stay, 4 micro-batches done.
+    assert two.on_ranks(2, 2) == Position(2, 0, 4, 4, 4, ((2, 2),))
+    # Resumed on 4 ranks: another step batch, a new run of cuts.
+    four = two.on_ranks(4, 1).advanced(1, 4, 99)
+    assert four.epoch_cuts == ((2, 2), (4, 1))
+    assert four.batch_in_epoch == 3
+    assert four.on_ranks(2, 1).batch_in_epoch == 3  # steps of any size count once each
+    # The epoch's end starts the next one with no cuts.
+    assert four.advanced(1, 4, 4) == Position(4, 1, 0, 12, 0, ())
+    # Checkpoints from before epoch_cuts: the images (or micro-batches) done, at this size.
+    assert Position(3, 1, 3, 14, 6).on_ranks(2, 1).epoch_cuts == ((2, 3),)
+    assert Position(3, 0, 4, 8).on_ranks(2, 2).epoch_cuts == ((2, 2),)
+    assert Position(3, 1).on_ranks(2, 1) == Position(3, 1, 0, 0, 0, ())
+    assert Position.from_manifest(four.as_manifest()) == four
+
+
+def test_a_resized_epoch_on_ranks(tmp_path: Path) -> None:
+    """Two steps on 2 ranks × batch 2, then 3 ranks: every image of the epoch once, and the
+    ranks' micro-batches after the resume point are slices of the re-cut step batches."""
+    root = make_root(tmp_path / "data", count=19, size=(64, 64))
+    spec = load_job(
+        write_job(tmp_path / "job.yaml", root, tmp_path / "out", training={"batchSize": 2})
+    ).spec
+    dataset = scan_roots(spec.data.roots, spec.data.resolution)
+    done = ((4, 2),)
+    plan = global_plan(dataset, spec, 0, 3, done)
+    assert plan[:2] == global_plan(dataset, spec, 0, 2)[:2]
+    assert {len(b) for b in plan[2:]} == {6}
+    seen = Counter(i for b in plan for i in b)
+    assert set(seen) == set(range(19))
+    assert sum(seen.values()) == 8 + 6 * (len(plan) - 2)
+    per_rank = [epoch_batches(dataset, spec, 0, 3, r, done) for r in range(3)]
+    for step in range(2, len(plan)):
+        assert list(chain.from_iterable(b[step] for b in per_rank)) == plan[step]

@@ -139,7 +139,7 @@ def test_no_storage_env_without_storage_settings(spec: FineTuneJobSpec) -> None:
     assert not {n for n in names if n.startswith("AWS_")}
 
 
-def test_pod_failure_policy_ignores_disruptions_and_fails_on_bad_input() -> None:
+def test_pod_failure_policy_ignores_disruptions_and_peer_stops_and_fails_on_bad_input() -> None:
     rules = _by_kind(_render("tiny-local.yaml"))["Job"]["spec"]["podFailurePolicy"]["rules"]
     assert rules[0] == {
         "action": "Ignore",
@@ -152,6 +152,12 @@ def test_pod_failure_policy_ignores_disruptions_and_fails_on_bad_input() -> None
         "operator": "In",
         "values": [2, 3],  # usage, diverged; never 1 (a crash, torchrun's code)
     }
+    # A pod that stopped only because another pod of its group got the stop signal.
+    assert rules[2] == {
+        "action": "Ignore",
+        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [76]},
+    }
+    assert len(rules) == 3
 
 
 def test_multi_node_objects() -> None:

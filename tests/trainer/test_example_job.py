@@ -23,7 +23,7 @@ def test_the_demo_job_is_valid_and_plans_five_epochs(monkeypatch: pytest.MonkeyP
     assert job.spec.model.base == "tiny"
     assert job.spec.output.uri == "./runs/tiny"
     assert len(job.spec.samples.prompts) == 2
-    schedule = build_schedule(load_dataset(job.spec), job.spec, world_size=1, rank=0)
+    schedule = build_schedule(load_dataset(job.spec), job.spec, world_size=1)
     assert (schedule.total_epochs, schedule.total_steps) == (5, 35)
 
 

@@ -32,13 +32,15 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from .errors import JobError
+from .errors import ExitCode, JobError
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 600.0
+DEFAULT_SHUTDOWN_TIMEOUT_S = 3600
 PERMANENT_CODES = frozenset({2, 3})
 """Mirrors `kubedream_operator.contract.PERMANENT_EXIT_CODES` (checked by a test)."""
-PASSED_THROUGH = frozenset({2, 3, 4, 75, 130, 143})
+PEER_STOPPED = int(ExitCode.PEER_STOPPED)
+PASSED_THROUGH = frozenset({2, 3, 4, 75, PEER_STOPPED, 130, 143})
 """Worker exit codes that mean the same thing for the whole group as for one process."""
 
 
@@ -70,6 +72,20 @@ def timeout_seconds() -> float:
     if value <= 0:
         raise JobError(f"KUBEDREAM_DIST_TIMEOUT: must be a number of seconds > 0, got {raw!r}")
     return value
+
+
+def shutdown_timeout_seconds() -> int:
+    """How long the launcher lets its workers commit a checkpoint after a stop signal:
+    `KUBEDREAM_SHUTDOWN_TIMEOUT` seconds, default 3600 (in a pod, its
+    terminationGracePeriodSeconds ends it first)."""
+    raw = os.environ.get("KUBEDREAM_SHUTDOWN_TIMEOUT", "")
+    if not raw:
+        return DEFAULT_SHUTDOWN_TIMEOUT_S
+    if not raw.isdigit():
+        raise JobError(
+            f"KUBEDREAM_SHUTDOWN_TIMEOUT: must be a whole number of seconds, got {raw!r}"
+        )
+    return int(raw)
 
 
 def init_process_group(device: torch.device) -> None:
@@ -129,6 +145,9 @@ def launch(args: argparse.Namespace) -> int:
         f"--master-addr={args.master_addr}",
         f"--master-port={args.master_port}",
         "--max-restarts=0",  # the Job restarts the whole group; no in-pod restarts
+        # On SIGTERM torchrun forwards the signal and waits this long before SIGKILLing the
+        # workers (its default, 30 s, is shorter than an SDXL checkpoint upload).
+        f"--shutdown-timeout={shutdown_timeout_seconds()}",
         "--no-python",
         *worker,
     ]
@@ -164,14 +183,18 @@ def prepare_node(job_path: str) -> None:
 
 
 def exit_code_of(failures: dict[int, Any]) -> int:
-    """One code for the group: a permanent one if any rank had it, else the first passed-through
-    code (4 storage, 75 lease, 143 interrupted), else 1 (a crash, a signal, a lost peer)."""
+    """One code for the group: a permanent one if any rank had it; 76 (peer stopped) only
+    when every failed rank had it (the Job ignores 76, so a crash beside it must win); else
+    the first passed-through code (4 storage, 75 lease, 143 interrupted); else 1 (a crash, a
+    signal, a lost peer)."""
     codes = [int(failures[rank].exitcode) for rank in sorted(failures)]
     for code in codes:
         if code in PERMANENT_CODES:
             return code
+    if all(code == PEER_STOPPED for code in codes):
+        return PEER_STOPPED
     for code in codes:
-        if code in PASSED_THROUGH:
+        if code in PASSED_THROUGH and code != PEER_STOPPED:
             return code
     for rank in sorted(failures):
         code = int(failures[rank].exitcode)

@@ -1,26 +1,28 @@
 """From data roots to a step schedule: the scanned data set, how many optimizer steps each
 epoch has, and fingerprints that tell a resumed run whether its data changed.
 
-The data layer plans each epoch deterministically from (dataset, seed, epoch), so the
-schedule is computed up front by planning every epoch once: `totalSteps` is exact even
-when multipliers draw a different number of images per epoch. Called by `loop`.
+The data layer orders each epoch deterministically from (dataset, seed, epoch) and cuts
+step batches from that order (`data.plan`), so the schedule is computed up front by
+counting every epoch's step batches: `totalSteps` is exact even when multipliers draw a
+different number of images per epoch. Called by `loop`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from kubedream_operator.spec import FineTuneJobSpec
 
-from .data import DataRootError, Dataset, plan_epoch
+from .data import DataRootError, Dataset
 from .data.loader import BatchLoader
 from .data.manifest import scan_roots_cached
+from .data.plan import count_batches, cut_batches, epoch_order
 from .errors import JobError
+from .state import Position
 from .storage import Storage
 
 T = TypeVar("T")
@@ -54,39 +56,40 @@ def load_dataset(
 
 @dataclass(frozen=True)
 class Schedule:
-    """How many micro-batches each epoch holds and how many optimizer steps the run takes."""
+    """How far the run goes: its last optimizer step and how many epochs that takes."""
 
-    batches_per_epoch: tuple[int, ...]
-    """Micro-batches per epoch, for every epoch that trains at least one step."""
-    accumulation: int
     total_steps: int
-
-    @property
-    def total_epochs(self) -> int:
-        return len(self.batches_per_epoch)
-
-    def steps_before(self, epoch: int) -> int:
-        """Optimizer steps in all epochs before `epoch`."""
-        return sum(math.ceil(n / self.accumulation) for n in self.batches_per_epoch[:epoch])
+    total_epochs: int
 
 
-def build_schedule(dataset: Dataset, spec: FineTuneJobSpec, world_size: int, rank: int) -> Schedule:
-    """Plan epochs until `epochs` or `maxSteps`, whichever comes first."""
+def build_schedule(
+    dataset: Dataset, spec: FineTuneJobSpec, world_size: int, start: Position | None = None
+) -> Schedule:
+    """Plan epochs from `start` (a resume point, already `on_ranks`) until `epochs` or
+    `maxSteps`, whichever comes first. Exact: multipliers may draw a different number of
+    images each epoch, and a resumed epoch may have been cut at another step batch size."""
     training = spec.training
-    counts: list[int] = []
-    steps = 0
-    while (training.epochs is None or len(counts) < training.epochs) and (
+    start = start or Position()
+    size = step_batch_size(spec, world_size)
+    steps, epoch = start.step, start.epoch
+    while (training.epochs is None or epoch < training.epochs) and (
         training.max_steps is None or steps < training.max_steps
     ):
-        batches = len(epoch_batches(dataset, spec, len(counts), world_size, rank))
-        if batches == 0:
-            raise JobError(
-                f"spec.data.roots: epoch {len(counts) + 1} draws no images (every multiplier rounds to 0?)"
-            )
-        counts.append(batches)
-        steps += math.ceil(batches / training.gradient_accumulation)
+        if epoch == start.epoch and start.epoch_cuts:
+            done = sum(count for _, count in start.epoch_cuts)
+            plan = global_plan(dataset, spec, epoch, world_size, start.epoch_cuts)
+            steps += max(0, len(plan) - done)  # fewer: the data shrank since the checkpoint
+        else:
+            count = count_batches(dataset, epoch, training.seed, size)
+            if count == 0:
+                raise JobError(
+                    f"spec.data.roots: epoch {epoch + 1} draws no images "
+                    "(every multiplier rounds to 0?)"
+                )
+            steps += count
+        epoch += 1
     total = steps if training.max_steps is None else min(steps, training.max_steps)
-    return Schedule(tuple(counts), training.gradient_accumulation, total)
+    return Schedule(total, epoch)
 
 
 def accumulation_groups(batches: Iterable[T], size: int) -> Iterator[list[T]]:
@@ -112,9 +115,9 @@ def dataset_fingerprint(dataset: Dataset) -> str:
     )
 
 
-def plan_fingerprint(batches: list[list[int]]) -> str:
-    """Identity of one epoch's plan (what a resumed run must reproduce)."""
-    return _digest(batches)
+def order_fingerprint(dataset: Dataset, spec: FineTuneJobSpec, epoch: int) -> str:
+    """Identity of one epoch's image order (what a resumed run continues)."""
+    return _digest(list(epoch_order(dataset, epoch, spec.training.seed).images))
 
 
 def step_batch_size(spec: FineTuneJobSpec, world_size: int) -> int:
@@ -124,28 +127,48 @@ def step_batch_size(spec: FineTuneJobSpec, world_size: int) -> int:
 
 
 def global_plan(
-    dataset: Dataset, spec: FineTuneJobSpec, epoch: int, world_size: int
+    dataset: Dataset,
+    spec: FineTuneJobSpec,
+    epoch: int,
+    world_size: int,
+    done: Sequence[tuple[int, int]] = (),
 ) -> list[list[int]]:
     """The epoch's step batches: what each optimizer step trains, over all ranks. Depends on
     (dataset, seed, epoch, step batch size) only, so runs with the same step batch on any
-    number of ranks train the same images at the same step."""
-    return plan_epoch(dataset, epoch, spec.training.seed, step_batch_size(spec, world_size))
+    number of ranks train the same images at the same step. `done`: the (step batch size,
+    count) runs this epoch already trained (`Position.epoch_cuts`), first in the plan."""
+    order = epoch_order(dataset, epoch, spec.training.seed)
+    return cut_batches(order, step_batch_size(spec, world_size), done)
 
 
-def epoch_batches(
-    dataset: Dataset, spec: FineTuneJobSpec, epoch: int, world_size: int, rank: int
+def rank_batches(
+    plan: list[list[int]], spec: FineTuneJobSpec, world_size: int, rank: int
 ) -> list[list[int]]:
-    """This rank's micro-batches of `epoch` (0-based), `gradientAccumulation` per step.
+    """This rank's micro-batches of a plan, `gradientAccumulation` per step batch.
 
     Step batch j is cut into world size × accumulation slices of batchSize images; rank r
     trains slice a × world_size + r as its micro-batch a (every slice of a step batch holds
-    one bucket, so shapes match on every rank)."""
+    one bucket, so shapes match on every rank). Step batches of another size (those a
+    resumed run's predecessor trained) are never trained again; their slices only hold
+    their place."""
     size, accumulation = spec.training.batch_size, spec.training.gradient_accumulation
     return [
         step_batch[slot * size : (slot + 1) * size]
-        for step_batch in global_plan(dataset, spec, epoch, world_size)
+        for step_batch in plan
         for slot in (a * world_size + rank for a in range(accumulation))
     ]
+
+
+def epoch_batches(
+    dataset: Dataset,
+    spec: FineTuneJobSpec,
+    epoch: int,
+    world_size: int,
+    rank: int,
+    done: Sequence[tuple[int, int]] = (),
+) -> list[list[int]]:
+    """This rank's micro-batches of `epoch` (0-based): `rank_batches` of `global_plan`."""
+    return rank_batches(global_plan(dataset, spec, epoch, world_size, done), spec, world_size, rank)
 
 
 def batch_ids(count: int, spec: FineTuneJobSpec, world_size: int, rank: int) -> list[int]:
@@ -180,12 +203,10 @@ def epoch_loader(
     )
 
 
-def data_changed(
-    manifest: dict[str, Any], dataset_print: str, plan: list[list[int]] | None
-) -> bool:
-    """Whether a checkpoint was trained on other data (or batch size, or world size): resuming
-    still works, but is no longer bit-identical to an uninterrupted run."""
+def data_changed(manifest: dict[str, Any], dataset_print: str, order_print: str) -> bool:
+    """Whether a checkpoint was trained on other data (or another seed): resuming still
+    works, but no longer continues the same epoch."""
     if manifest.get("datasetFingerprint") != dataset_print:
         return True
     recorded = manifest.get("planFingerprint")
-    return recorded is not None and plan is not None and plan_fingerprint(plan) != recorded
+    return recorded is not None and recorded != order_print

@@ -29,6 +29,11 @@ class ExitCode(IntEnum):
     """Reading or writing the output failed, or a checkpoint did not verify after upload."""
     OUTPUT_LOCKED = 75
     """Another live trainer holds the output's lease (EX_TEMPFAIL: try again later)."""
+    PEER_STOPPED = 76
+    """Under torchrun: another training process (another pod's) was stopped by SIGTERM or
+    SIGINT, and this one stopped with it at the same step after the checkpoint was
+    committed; starting again resumes. Not counted as a failure by the Job (the pod that got
+    the signal is: it exits 143, and is ignored only when it was a disruption)."""
     INTERRUPTED_SIGINT = 130
     """Stopped by SIGINT (Ctrl-C) after committing a checkpoint; starting again resumes."""
     INTERRUPTED = 143

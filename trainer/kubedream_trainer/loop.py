@@ -22,11 +22,11 @@ from .epochs import (
     build_schedule,
     data_changed,
     dataset_fingerprint,
-    epoch_batches,
     epoch_loader,
     global_plan,
     load_dataset,
-    plan_fingerprint,
+    order_fingerprint,
+    rank_batches,
     step_batch_size,
 )
 from .latent_store import LatentStore
@@ -58,8 +58,6 @@ def train(session: Session, stop: StopRequest) -> Outcome:
     check_inputs(spec)
     progress.phase(Phase.STARTING, "scanning the data roots")
     dataset = load_dataset(spec, cache=session.output, write_cache=session.is_main)
-    schedule = build_schedule(dataset, spec, session.world_size, session.rank)
-    progress.update(totalSteps=schedule.total_steps, totalEpochs=schedule.total_epochs)
     world_size, rank = session.world_size, session.rank
     if session.is_main:
         store.remove_uncommitted()
@@ -68,6 +66,14 @@ def train(session: Session, stop: StopRequest) -> Outcome:
         lambda: store.latest_resumable(STATE_DIR + "/") if session.is_main else None
     )
     progress.set_checkpoints([c.uri for c in store.committed()])
+    step_batch = step_batch_size(spec, world_size)
+    start = None
+    if latest is not None:
+        start = Position.from_manifest(latest.manifest.get("position", {})).on_ranks(
+            step_batch, training.gradient_accumulation
+        )
+    schedule = build_schedule(dataset, spec, world_size, start)
+    progress.update(totalSteps=schedule.total_steps, totalEpochs=schedule.total_epochs)
     if latest is not None and latest.step >= schedule.total_steps:
         progress.phase(
             Phase.SUCCEEDED,
@@ -98,20 +104,23 @@ def train(session: Session, stop: StopRequest) -> Outcome:
     if latest is not None:
         loaded = fetch_state(store, latest, session.env.staging_dir)
         position = trainees.restore(trainee, loaded, session.accelerator, rank).on_ranks(
-            step_batch_size(spec, world_size), training.gradient_accumulation
+            step_batch, training.gradient_accumulation
         )
-        if position.batch_in_epoch >= len(
-            epoch_batches(dataset, spec, position.epoch, world_size, rank)
-        ):  # a smaller new plan already ends there
-            position = Position(position.step, position.epoch + 1, 0, position.images_seen, 0)
+        changed = data_changed(
+            latest.manifest,
+            fingerprints["datasetFingerprint"],
+            order_fingerprint(dataset, spec, position.epoch),
+        )
+        resized = any(size != step_batch for size, _ in position.epoch_cuts)
         progress.say(
             f"resuming from {latest.uri} (step {position.step}, epoch {position.epoch + 1}, "
-            f"{world_size} process{'es' if world_size > 1 else ''})"
+            f"{world_size} process{'es' if world_size > 1 else ''}"
+            + (", the epoch's remaining images re-cut to this step batch" if resized else "")
+            + ")"
         )
-        plan = global_plan(dataset, spec, position.epoch, world_size)
-        if data_changed(latest.manifest, fingerprints["datasetFingerprint"], plan):
+        if changed:
             progress.say(
-                "warning: the data (or batch or world size) changed since the checkpoint; "
+                "warning: the data (or the seed) changed since the checkpoint; "
                 "resuming at the same step and position in the epoch"
             )
     else:
@@ -131,24 +140,23 @@ def train(session: Session, stop: StopRequest) -> Outcome:
     )
     step_log = StepLog(session.env.metrics_file if session.is_main else None, session.device)
     while position.step < schedule.total_steps:
-        batches = epoch_batches(dataset, spec, position.epoch, world_size, rank)
-        plan = global_plan(dataset, spec, position.epoch, world_size)
-        fingerprints["planFingerprint"] = plan_fingerprint(plan)
-        loader = epoch_loader(
-            dataset,
-            spec,
-            position.epoch,
-            batches,
-            position.batch_in_epoch,
-            batch_ids(len(batches), spec, world_size, rank),
-        )
+        # A resumed epoch's plan starts with the step batches its checkpoint trained.
+        plan = global_plan(dataset, spec, position.epoch, world_size, position.epoch_cuts)
+        batches = rank_batches(plan, spec, world_size, rank)
+        ids = batch_ids(len(batches), spec, world_size, rank)
+        fingerprints["planFingerprint"] = order_fingerprint(dataset, spec, position.epoch)
+        start_at = position.batch_in_epoch
+        if start_at >= len(batches):  # the data shrank under a resumed epoch: it is over
+            position = Position(position.step, position.epoch + 1, 0, position.images_seen, 0)
+            continue
+        loader = epoch_loader(dataset, spec, position.epoch, batches[start_at:], 0, ids[start_at:])
         for group in accumulation_groups(loader, training.gradient_accumulation):
             if stop.agreed(session.accelerator):
                 if saved_at != position.step and position.step > 0:
                     _save(session, trainee, position, schedule.total_steps, fingerprints)
                 progress.phase(
                     Phase.INTERRUPTED,
-                    f"stopped by signal {stop.signum} at step {position.step}; "
+                    f"{stop.describe()} at step {position.step}; "
                     "starting the job again resumes from the newest checkpoint",
                 )
                 return Outcome.INTERRUPTED

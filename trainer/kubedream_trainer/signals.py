@@ -4,7 +4,9 @@ The handler only sets a flag. The loop checks it after every optimizer step, com
 checkpoint and exits with 143 (SIGTERM) or 130 (SIGINT), never 0, so the pod is not taken
 for a finished job. A second signal of the same kind falls through to Python's default
 (SIGINT: KeyboardInterrupt) for an impatient user. Under torchrun every rank checks the
-flag through an all-reduce, so all ranks stop at the same step. Used by `train_cli`/`loop`.
+flag through an all-reduce, so all ranks stop at the same step; a rank that got no signal
+itself exits 76 (PEER_STOPPED), which the Job does not count as a failure: evicting one pod
+of a multi-node job costs none of its backoff limit. Used by `train_cli`/`loop`.
 """
 
 from __future__ import annotations
@@ -64,4 +66,14 @@ class StopRequest:
 
     @property
     def exit_code(self) -> ExitCode:
+        """130 (SIGINT) or 143 (SIGTERM) for the process that got the signal; 76 for one that
+        stopped only because another rank did."""
+        if self.signum is None:
+            return ExitCode.PEER_STOPPED
         return ExitCode.INTERRUPTED_SIGINT if self.signum == signal.SIGINT else ExitCode.INTERRUPTED
+
+    def describe(self) -> str:
+        """What stopped the run, for the log and progress.json."""
+        if self.signum is None:
+            return "stopped with another training process that got a stop signal"
+        return f"stopped by signal {self.signum}"

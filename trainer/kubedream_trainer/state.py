@@ -39,42 +39,59 @@ class Position:
     step: int = 0
     """Optimizer steps done."""
     epoch: int = 0
-    """0-based epoch in progress (the plan `plan_epoch(dataset, epoch, ...)`)."""
+    """0-based epoch in progress (its order is `epoch_order(dataset, epoch, seed)`)."""
     batch_in_epoch: int = 0
-    """This rank's micro-batches of that epoch already trained (a multiple of
-    gradientAccumulation). Depends on world size and accumulation; `epoch_images` does not."""
+    """This rank's micro-batches of that epoch already trained (step batches done ×
+    gradientAccumulation). Depends on world size and accumulation; `epoch_cuts` does not."""
     images_seen: int = 0
     """Images trained so far over all ranks."""
     epoch_images: int = -1
-    """Images of the epoch's global plan trained so far over all ranks (step batches done ×
-    step batch size): where a run on another number of ranks continues. -1 in checkpoints
-    written before it existed (single-process ones, where batch_in_epoch says the same)."""
+    """Images of the epoch trained so far over all ranks (-1 in checkpoints written before
+    it existed)."""
+    epoch_cuts: tuple[tuple[int, int], ...] = ()
+    """The epoch's step batches trained so far, as (step batch size, count) runs, oldest
+    first: a run resumed on another number of GPUs re-cuts these from the epoch's order and
+    continues it (`data.plan.cut_batches`). Empty at an epoch's start, and in checkpoints
+    written before it existed."""
 
     def advanced(self, micro_batches: int, images: int, epoch_size: int) -> Position:
-        """One optimizer step of `images` (all ranks) later; rolls over at the end of the plan."""
+        """One optimizer step of `images` (all ranks: the step batch) later; rolls over at
+        the end of the plan (`epoch_size` micro-batches)."""
         batch = self.batch_in_epoch + micro_batches
         ended = batch >= epoch_size
+        cuts = list(self.epoch_cuts)
+        if cuts and cuts[-1][0] == images:
+            cuts[-1] = (images, cuts[-1][1] + 1)
+        else:
+            cuts.append((images, 1))
         return Position(
             step=self.step + 1,
             epoch=self.epoch + int(ended),
             batch_in_epoch=0 if ended else batch,
             images_seen=self.images_seen + images,
             epoch_images=0 if ended else max(self.epoch_images, 0) + images,
+            epoch_cuts=() if ended else tuple(cuts),
         )
 
     def on_ranks(self, step_batch: int, accumulation: int) -> Position:
-        """This position for a run whose step batch is `step_batch` images: the same step
-        batch of the epoch when that size is unchanged, else the one holding the next image
-        of the global order (see docs/distributed.md, "Changing the number of processes")."""
-        if self.epoch_images < 0:
-            return self
-        steps_done = self.epoch_images // step_batch
+        """This position for a run whose step batch is `step_batch` images in
+        `accumulation` micro-batches per rank: the epoch's cuts so far stay, and this rank has
+        trained `accumulation` micro-batches of each of their step batches (see
+        docs/distributed.md, "Changing the number of processes")."""
+        cuts = tuple(self.epoch_cuts)
+        if not cuts and self.batch_in_epoch > 0:  # a checkpoint from before epoch_cuts
+            if self.epoch_images >= 0:
+                cuts = ((step_batch, self.epoch_images // step_batch),)
+            else:
+                cuts = ((step_batch, self.batch_in_epoch // accumulation),)
+        steps_done = sum(count for _, count in cuts)
         return Position(
             step=self.step,
             epoch=self.epoch,
             batch_in_epoch=steps_done * accumulation,
             images_seen=self.images_seen,
-            epoch_images=steps_done * step_batch,
+            epoch_images=sum(size * count for size, count in cuts),
+            epoch_cuts=cuts,
         )
 
     @property
@@ -86,7 +103,7 @@ class Position:
         """1-based epoch of the last trained step (the finished one right at an epoch's end)."""
         return self.epoch if self.at_epoch_start and self.step > 0 else self.epoch + 1
 
-    def as_manifest(self) -> dict[str, int]:
+    def as_manifest(self) -> dict[str, Any]:
         """camelCase, as checkpoint.json spells it."""
         return {
             "step": self.step,
@@ -94,7 +111,20 @@ class Position:
             "batchInEpoch": self.batch_in_epoch,
             "imagesSeen": self.images_seen,
             "imagesInEpoch": self.epoch_images,
+            "epochCuts": [list(cut) for cut in self.epoch_cuts],
         }
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> Position:
+        """What `as_manifest` wrote (fields it lacked in older checkpoints keep defaults)."""
+        return cls(
+            step=int(manifest.get("step", 0)),
+            epoch=int(manifest.get("epochIndex", 0)),
+            batch_in_epoch=int(manifest.get("batchInEpoch", 0)),
+            images_seen=int(manifest.get("imagesSeen", 0)),
+            epoch_images=int(manifest.get("imagesInEpoch", -1)),
+            epoch_cuts=tuple((int(a), int(b)) for a, b in manifest.get("epochCuts", [])),
+        )
 
 
 def capture_rng(noise_generator: torch.Generator) -> dict[str, Any]:
@@ -172,7 +202,9 @@ class LoadedState:
 
     @property
     def position(self) -> Position:
-        return Position(**self.trainer["position"])
+        fields = dict(self.trainer["position"])
+        fields["epoch_cuts"] = tuple(tuple(cut) for cut in fields.get("epoch_cuts", ()))
+        return Position(**fields)
 
 
 def fetch_state(

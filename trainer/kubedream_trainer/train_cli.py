@@ -76,7 +76,11 @@ def run(args: argparse.Namespace) -> int:
     than one process asked for (--nproc-per-node, --nnodes), start them through torchrun's
     launcher and return the group's code (`distributed.launch`)."""
     if wants_launch(args):
-        return launch(args)
+        try:
+            return launch(args)
+        except TrainerError as exc:  # the launcher's own settings (environment)
+            print(f"kubedream: {exc.message}", file=sys.stderr)
+            return int(exc.exit_code)
     try:
         job = load_job(args.job)
     except SpecError as exc:
@@ -134,6 +138,8 @@ def _train(args: argparse.Namespace, job: FineTuneJob, said: io.StringIO, starte
         print(f"kubedream: {peer_lost(exc).message}", file=sys.stderr)
         return PeerLostError.exit_code
     if outcome is Outcome.INTERRUPTED:
+        if not session.progress.enabled:  # rank 0 said it in progress.json and on stderr
+            print(f"kubedream: rank {session.rank} {stop.describe()}", file=sys.stderr)
         return int(stop.exit_code)
     _summary(session.progress)
     return int(ExitCode.SUCCEEDED)

@@ -1,12 +1,15 @@
-"""Epoch plans: one bucket and batch_id per batch, every drawn image once, ranks split evenly."""
+"""Epoch plans: one bucket and batch_id per batch, every drawn image once, ranks split evenly,
+and an epoch resized mid-way (another number of GPUs) still trains every drawn image once."""
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 
 import pytest
 
-from kubedream_trainer.data import draw_epoch, plan_epoch
+from kubedream_trainer.data import Dataset, draw_epoch, plan_epoch
+from kubedream_trainer.data.plan import count_batches, cut_batches, cut_entries, epoch_order
 
 from .helpers import synthetic_dataset
 
@@ -96,3 +99,58 @@ def test_bad_arguments_raise(batch_size: int, world_size: int, rank: int) -> Non
     dataset = synthetic_dataset({"a": (4, 1.0)})
     with pytest.raises(ValueError, match=r"must be|need"):
         plan_epoch(dataset, 0, seed=0, batch_size=batch_size, world_size=world_size, rank=rank)
+
+
+def _mixed() -> Dataset:
+    return synthetic_dataset(
+        {"a": (23, 1.0), "b": (11, 1.5), "c": (40, 0.3)}, buckets=BUCKETS, batch_ids={"b": "style"}
+    )
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5])
+def test_continuing_at_the_same_size_cuts_what_an_uninterrupted_run_cuts(size: int) -> None:
+    order = epoch_order(_mixed(), 2, seed=7)
+    whole = cut_batches(order, size)
+    assert len(whole) == count_batches(_mixed(), 2, 7, size)
+    for done in range(len(whole) + 1):
+        assert cut_batches(order, size, [(size, done)]) == whole
+
+
+@pytest.mark.parametrize("sizes", [(4, 2), (2, 4), (3, 8, 1), (6, 6, 4), (1, 5)])
+def test_an_epoch_resized_mid_way_trains_every_drawn_image_once(sizes: tuple[int, ...]) -> None:
+    """A run stops after some batches, the next continues at another batch size (another
+    number of GPUs), maybe again: together they train each entry of the epoch's order once,
+    the earlier runs' batches stay what those runs trained, and every batch holds one group."""
+    dataset = _mixed()
+    order = epoch_order(dataset, 1, seed=3)
+    rng = random.Random(repr(sizes))
+    done: list[tuple[int, int]] = []
+    for size in sizes[:-1]:
+        left = len(cut_entries(order, size, done)) - sum(count for _, count in done)
+        done.append((size, rng.randrange(1, left)))
+    batches = cut_entries(order, sizes[-1], done)
+    trained = sorted(p for _, entries in batches for p in entries)
+    assert trained == list(range(len(order.images)))
+    for batch_size, entries in batches:
+        assert 1 <= len(entries) <= batch_size
+        assert len({order.groups[p] for p in entries}) == 1
+    expected_sizes = [size for size, count in done for _ in range(count)]
+    assert [size for size, _ in batches][: len(expected_sizes)] == expected_sizes
+    assert {size for size, _ in batches[len(expected_sizes) :]} == {sizes[-1]}
+    # What the first run trained is what it would have trained uninterrupted.
+    first_size, first_count = done[0]
+    resized = cut_batches(order, sizes[-1], done)
+    assert resized[:first_count] == cut_batches(order, first_size)[:first_count]
+    assert [len(b) for b in resized] == [size for size, _ in batches]
+    assert Counter(i for b in resized for i in b) >= Counter(draw_epoch(dataset, 1, seed=3))
+
+
+def test_the_order_does_not_depend_on_the_batch_size() -> None:
+    dataset = _mixed()
+    order = epoch_order(dataset, 0, seed=5)
+    assert sorted(order.images) == draw_epoch(dataset, 0, seed=5)
+    for size in (1, 4, 7):  # a group's batches take its images in the order's sequence
+        for _, entries in cut_entries(order, size):
+            assert entries == sorted(entries)
+    assert epoch_order(dataset, 0, seed=5) == order
+    assert epoch_order(dataset, 0, seed=6).images != order.images
