@@ -1,6 +1,6 @@
 """Support for the operator's tests on the real test bed: the FineTuneJob CRD established in
 the bed's kube-apiserver, `Jobs` (FineTuneJobs and their children in one namespace, over
-REST) and `Operator` (`kubedream operator -n NAMESPACE` as a subprocess). The fixtures that
+REST), `PodWatch` (every version of every pod) and `Operator` (`kubedream operator -n NAMESPACE` as a subprocess). The fixtures that
 wrap them (`crd`, `jobs`, `operator`) are in conftest.py.
 """
 
@@ -11,10 +11,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import ProtocolError
 
 from kubedream_operator.crd import CRD_NAME, build_crd
 from kubedream_operator.devbed.bed import BedInfo, tail
@@ -202,3 +204,50 @@ class Operator:
 
     def tail(self) -> str:
         return tail(self.log, 60)
+
+
+def trainer_exit(pod: dict[str, Any]) -> int | None:
+    """The exit code of the pod's ended container, if one ended."""
+    for container in pod["status"].get("containerStatuses") or ():
+        terminated = (container.get("state") or {}).get("terminated")
+        if terminated:
+            code: int = terminated["exitCode"]
+            return code
+    return None
+
+
+class PodWatch:
+    """Every version of every pod in a namespace, recorded by a watch in a thread, so a short-
+    lived state (a pod Failed just before its deletion completes) is not missed. A watch the
+    server ends is resumed from the last version seen, until `stop`."""
+
+    def __init__(self, bed: BedInfo, namespace: str) -> None:
+        self.rest = bed.rest()
+        self.path = f"/api/v1/namespaces/{namespace}/pods"
+        self.versions: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        version = self.rest.get(self.path)["metadata"]["resourceVersion"]
+        self._thread = threading.Thread(target=self._run, args=(version,), daemon=True)
+        self._thread.start()
+
+    def _run(self, version: str) -> None:
+        while not self._stopped.is_set():
+            try:
+                for event in self.rest.watch(self.path, version, timeout_seconds=5):
+                    version = event["object"]["metadata"]["resourceVersion"]
+                    if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
+                        with self._lock:
+                            self.versions.append(event["object"])
+            except (ProtocolError, ApiException):
+                if self._stopped.wait(0.5):
+                    return
+
+    def of(self, pod: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [v for v in self.versions if v["metadata"]["name"] == pod]
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(30)
+        self.rest.api.close()

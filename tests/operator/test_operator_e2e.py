@@ -15,22 +15,19 @@ from __future__ import annotations
 import copy
 import io
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from kubernetes.client.exceptions import ApiException
 from PIL import Image
-from urllib3.exceptions import ProtocolError
 
 from kubedream_operator.devbed.bed import BedInfo
 from kubedream_operator.devbed.rest import KubeRest
 from tests.plugins.bed import wait_for
 
-from .bed_support import Jobs, Operator
+from .bed_support import Jobs, Operator, PodWatch, trainer_exit
 from .helpers import EXAMPLES
 
 pytestmark = [pytest.mark.testbed, pytest.mark.slow]
@@ -142,52 +139,6 @@ def _condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
     return found
 
 
-def _trainer_exit(pod: dict[str, Any]) -> int | None:
-    for container in pod["status"].get("containerStatuses") or ():
-        terminated = (container.get("state") or {}).get("terminated")
-        if terminated:
-            code: int = terminated["exitCode"]
-            return code
-    return None
-
-
-class PodWatch:
-    """Every version of every pod in a namespace, recorded by a watch in a thread, so a short-
-    lived state (a pod Failed just before its deletion completes) is not missed. A watch the
-    server ends is resumed from the last version seen, until `stop`."""
-
-    def __init__(self, bed: BedInfo, namespace: str) -> None:
-        self.rest = bed.rest()
-        self.path = f"/api/v1/namespaces/{namespace}/pods"
-        self.versions: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-        self._stopped = threading.Event()
-        version = self.rest.get(self.path)["metadata"]["resourceVersion"]
-        self._thread = threading.Thread(target=self._run, args=(version,), daemon=True)
-        self._thread.start()
-
-    def _run(self, version: str) -> None:
-        while not self._stopped.is_set():
-            try:
-                for event in self.rest.watch(self.path, version, timeout_seconds=5):
-                    version = event["object"]["metadata"]["resourceVersion"]
-                    if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
-                        with self._lock:
-                            self.versions.append(event["object"])
-            except (ProtocolError, ApiException):
-                if self._stopped.wait(0.5):
-                    return
-
-    def of(self, pod: str) -> list[dict[str, Any]]:
-        with self._lock:
-            return [v for v in self.versions if v["metadata"]["name"] == pod]
-
-    def stop(self) -> None:
-        self._stopped.set()
-        self._thread.join(30)
-        self.rest.api.close()
-
-
 @pytest.fixture
 def pod_watch(bed: BedInfo, namespace: str) -> Iterator[PodWatch]:
     watch = PodWatch(bed, namespace)
@@ -279,7 +230,7 @@ def test_an_evicted_trainer_is_replaced_without_spending_the_backoff_limit_and_r
         120,
         "the evicted pod to end",
     )
-    assert _trainer_exit(final) == 143
+    assert trainer_exit(final) == 143
     disrupted = _condition(final["status"], "DisruptionTarget")
     assert (disrupted["status"], disrupted["reason"]) == ("True", "EvictionByEvictionAPI")
 
@@ -338,7 +289,7 @@ def test_a_trainer_that_keeps_crashing_fails_after_the_backoff_limit(
     pods = jobs.pods(name)
     assert len(pods) == 2  # the first try and one retry
     assert [p["status"]["phase"] for p in pods] == ["Failed", "Failed"]
-    assert [_trainer_exit(p) for p in pods] == [1, 1]
+    assert [trainer_exit(p) for p in pods] == [1, 1]
     job = jobs.job(name)
     assert job is not None
     assert job["status"]["failed"] == 2
@@ -363,4 +314,4 @@ def test_an_invalid_data_root_fails_the_job_after_one_pod(
     assert "no-such-prefix" in failed["message"]
     assert "trainer exited with code 2 (invalid job)" in failed["message"]
     (pod,) = jobs.pods(name)  # FailJob: no retry despite backoffLimit 3
-    assert _trainer_exit(pod) == 2
+    assert trainer_exit(pod) == 2

@@ -101,6 +101,7 @@ def test_stop_at_3_then_resume_to_6_is_bit_identical_to_6_straight(
         "batchInEpoch": 2,
         "imagesSeen": 12,
         "imagesInEpoch": 4,
+        "epochCuts": [[4, 1]],
     }
     resumed = write_job(tmp_path / "resumed.yaml", data_root, tmp_path / "b", **_rich(6))
     assert train(resumed) == 0

@@ -89,6 +89,7 @@ def test_manifest_lists_every_file_with_size_and_sha256(run: dict[str, Any]) -> 
         "batchInEpoch": 0,
         "imagesSeen": 8,
         "imagesInEpoch": 0,
+        "epochCuts": [],
     }
     assert manifest["epoch"] == 1
     assert manifest["specHash"].startswith("sha256:")
