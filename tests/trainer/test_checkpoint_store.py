@@ -102,9 +102,15 @@ def test_a_failing_fence_prevents_the_commit(tmp_path: Path) -> None:
     def lost() -> None:
         raise OutputLockedError("lost the lease")
 
+    # The step folder may be the new lease holder's upload in progress: never deleted.
+    (tmp_path / "out/checkpoints/step-3").mkdir(parents=True)
+    (tmp_path / "out/checkpoints/step-3/unet.safetensors").write_text("the other trainer's")
     with pytest.raises(OutputLockedError):
         store.commit(3, _staging(tmp_path / "stage"), {}, lost)
     assert store.committed() == []
+    assert (
+        tmp_path / "out/checkpoints/step-3/unet.safetensors"
+    ).read_text() == "the other trainer's"
 
 
 def test_rotation_deletes_only_older_committed_checkpoints(tmp_path: Path) -> None:

@@ -164,6 +164,50 @@ def test_sigterm_commits_a_checkpoint_exits_143_and_a_second_trainer_is_kept_out
     )
 
 
+def test_a_trainer_whose_lease_is_taken_over_stops_at_once_without_writing(
+    tmp_path: Path, data_root: Path, trainer_env: dict[str, str]
+) -> None:
+    """Another trainer takes the output's lease mid-run (this one was partitioned from the
+    store long enough to look dead): the heartbeat notices, the loop stops at the next step
+    with exit 75, commits nothing and leaves the usurper's lease and progress alone."""
+    output = tmp_path / "out"
+    job = write_job(
+        tmp_path / "job.yaml",
+        data_root,
+        output,
+        training={"maxSteps": 2000},
+        output={"saveEverySteps": 1000},
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kubedream_trainer.cli", "train", str(job), "--device", "cpu"],
+        env={**trainer_env, "KUBEDREAM_LEASE_TTL": "0.9"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and process.poll() is None:
+            progress = output / "progress.json"
+            if progress.exists() and json.loads(progress.read_text() or "{}").get("step", 0) >= 2:
+                break
+            time.sleep(0.1)
+        assert process.poll() is None
+        usurper = {"owner": "usurper", "host": "elsewhere", "expiresAtUnix": time.time() + 600}
+        (output / "lease.json").write_text(json.dumps(usurper))
+        taken_at = time.monotonic()
+        log, _ = process.communicate(timeout=60)
+        assert time.monotonic() - taken_at < 30
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == ExitCode.OUTPUT_LOCKED, log
+    assert "another trainer took over the lease" in log
+    assert committed_steps(output) == []
+    assert read_json(output / "lease.json")["owner"] == "usurper"
+    assert read_json(output / "progress.json")["step"] < 2000
+
+
 def test_half_written_checkpoints_are_ignored_and_cleaned(
     tmp_path: Path, data_root: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -128,12 +128,15 @@ class CheckpointStore:
     def commit(
         self, step: int, staging: Path, manifest: dict[str, Any], fence: Callable[[], None]
     ) -> Checkpoint:
-        """Upload `staging` as step N, verify it, run `fence`, then write the manifest."""
+        """Upload `staging` as step N, verify it, run `fence`, then write the manifest. `fence`
+        also runs first: a trainer that lost the output's lease deletes nothing (the step
+        folder may be the new holder's upload in progress)."""
         key = step_key(step)
         if self.output.exists(f"{key}/{MANIFEST}"):
             raise CheckpointExistsError(
                 f"{join_uri(self.output.uri, key)} is already committed; not touching it"
             )
+        fence()
         self.output.delete_prefix(key + "/")
         paths = sorted(p for p in staging.rglob("*") if p.is_file())
         files = [

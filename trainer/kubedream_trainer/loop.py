@@ -29,6 +29,7 @@ from .epochs import (
     rank_batches,
     step_batch_size,
 )
+from .errors import OutputLockedError
 from .latent_store import LatentStore
 from .metrics import StepLog
 from .models import load_components, resolve_model_dir
@@ -151,7 +152,12 @@ def train(session: Session, stop: StopRequest) -> Outcome:
             continue
         loader = epoch_loader(dataset, spec, position.epoch, batches[start_at:], 0, ids[start_at:])
         for group in accumulation_groups(loader, training.gradient_accumulation):
-            if stop.agreed(session.accelerator):
+            if stop.agreed(session.accelerator, session.lease_lost):
+                if stop.lease_lost:  # every rank stops; nothing more is written
+                    raise OutputLockedError(
+                        f"another trainer took over the lease on {session.output.uri}; "
+                        "stopping without writing anything more"
+                    )
                 if saved_at != position.step and position.step > 0:
                     _save(session, trainee, position, schedule.total_steps, fingerprints)
                 progress.phase(

@@ -60,6 +60,11 @@ class Session:
     def is_main(self) -> bool:
         return bool(self.accelerator.is_main_process)
 
+    @property
+    def lease_lost(self) -> bool:
+        """Whether this process's lease heartbeat saw another trainer take the output (no I/O)."""
+        return self.lease is not None and self.lease.lost.is_set()
+
     def fence(self) -> None:
         """Raise unless this process still holds the output lease (checked before commits)."""
         if self.lease is not None:

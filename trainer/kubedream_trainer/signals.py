@@ -28,6 +28,8 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.lease_lost = False
+        """Set by `agreed`: some rank reported that the output's lease was taken over."""
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum == signum:
@@ -57,12 +59,16 @@ class StopRequest:
     def requested(self) -> bool:
         return self.signum is not None
 
-    def agreed(self, accelerator: Accelerator) -> bool:
-        """Whether any rank was asked to stop (an all-reduce under torchrun)."""
+    def agreed(self, accelerator: Accelerator, lease_lost: bool = False) -> bool:
+        """Whether any rank was asked to stop, or lost the output's lease (`lease_lost` is
+        then set): one all-reduce under torchrun, so every rank stops at the same step."""
         if accelerator.num_processes == 1:
-            return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
-        return bool(accelerator.reduce(flag, "sum").item() > 0)
+            self.lease_lost = lease_lost
+            return self.requested or lease_lost
+        flags = torch.tensor([float(self.requested), float(lease_lost)], device=accelerator.device)
+        total = accelerator.reduce(flags, "sum")
+        self.lease_lost = bool(total[1].item() > 0)
+        return bool(total[0].item() > 0) or self.lease_lost
 
     @property
     def exit_code(self) -> ExitCode:

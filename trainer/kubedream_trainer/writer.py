@@ -174,6 +174,7 @@ def save_checkpoint(
                 checkpoint = session.store.commit(position.step, Path(tmp), manifest, session.fence)
             except CheckpointExistsError as exc:
                 session.progress.say(f"warning: {exc.message}")
+        session.fence()  # rotation deletes: only under the lease
         session.store.rotate(spec.output.keep_last)
         session.progress.set_checkpoints([c.uri for c in session.store.committed()])
         if checkpoint is not None:
