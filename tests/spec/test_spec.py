@@ -117,6 +117,11 @@ def test_round_trip_through_manifest_keeps_camel_case() -> None:
         ("spec.training.ema", {"decay": 1.0}, "spec.training.ema.decay: must be < 1, got 1.0"),
         ("spec.training.minSnrGamma", -5, "spec.training.minSnrGamma: must be > 0, got -5"),
         ("spec.training.learningRate", 1e-6, "spec.training.learningRate: unknown field"),
+        (  # the CRD only knows camelCase: so does `kubedream validate` / `train`
+            "spec.training.batch_size",
+            2,
+            "spec.training.batch_size: unknown field: did you mean 'batchSize'?",
+        ),
         ("spec.output.uri", DELETE, "spec.output.uri: is required"),
         (
             "spec.output.formats",

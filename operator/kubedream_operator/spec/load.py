@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 from pydantic import ValidationError
+from pydantic.alias_generators import to_camel
 from pydantic_core import ErrorDetails
 
 from .model import API_VERSION, KIND, LENGTH_MISSING, FineTuneJobSpec
@@ -79,6 +80,9 @@ def _describe(error: ErrorDetails) -> str:
     if kind == "missing":
         return "is required"
     if kind == "extra_forbidden":
+        key = str(error["loc"][-1]) if error["loc"] else ""
+        if "_" in key and to_camel(key) != key:
+            return f"unknown field: did you mean {to_camel(key)!r}? (fields are camelCase)"
         return "unknown field (check the spelling; fields are camelCase)"
     if kind == "literal_error":
         return f"must be one of {ctx['expected']}, got {got!r}"
@@ -115,7 +119,9 @@ def parse_spec(spec: Any) -> FineTuneJobSpec:
     if not isinstance(spec, Mapping):
         raise SpecError([f"spec: must be a mapping, got {type(spec).__name__}"])
     try:
-        return FineTuneJobSpec.model_validate(dict(spec))
+        return FineTuneJobSpec.model_validate(
+            dict(spec), by_name=False
+        )  # camelCase only, as the CRD
     except ValidationError as exc:
         problems = problems_from(exc)
         # The model checks "epochs or maxSteps" only once every training field is valid;
@@ -123,7 +129,7 @@ def parse_spec(spec: Any) -> FineTuneJobSpec:
         training = spec.get("training")
         if (
             isinstance(training, Mapping)
-            and all(training.get(k) is None for k in ("epochs", "maxSteps", "max_steps"))
+            and all(training.get(k) is None for k in ("epochs", "maxSteps"))
             and f"spec.training: {LENGTH_MISSING}" not in problems
         ):
             after = [i for i, p in enumerate(problems) if p.startswith("spec.training")]
