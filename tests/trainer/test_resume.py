@@ -250,6 +250,33 @@ def test_a_damaged_committed_checkpoint_is_skipped_for_an_older_one(
     assert damaged.stat().st_size > 0  # left in place for inspection, never overwritten
 
 
+def test_a_damaged_final_checkpoint_is_not_reported_as_the_result(
+    tmp_path: Path, data_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The final step's checkpoint is damaged: starting the job again resumes from the one
+    before, trains to the final step, and fails (exit 4) naming the damaged folder, rather
+    than reporting success with it."""
+    output = tmp_path / "out"
+    job = write_job(
+        tmp_path / "job.yaml",
+        data_root,
+        output,
+        training={"maxSteps": 4},
+        output={"saveEverySteps": 2},
+    )
+    assert train(job) == 0
+    damaged = output / "checkpoints/step-4/training_state/optimizer.pt"
+    damaged.write_bytes(damaged.read_bytes()[:-10])
+    capsys.readouterr()
+
+    assert train(job) == ExitCode.STORAGE
+    said = capsys.readouterr().err
+    assert f"resuming from {output / 'checkpoints/step-2'}" in said
+    assert f"{output / 'checkpoints/step-4'} is committed but damaged" in said
+    assert read_json(output / "progress.json")["phase"] == "Failed"
+    assert damaged.stat().st_size > 0
+
+
 def test_rotation_keeps_the_newest_committed(tmp_path: Path, data_root: Path) -> None:
     output = tmp_path / "out"
     job = write_job(

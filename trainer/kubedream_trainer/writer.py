@@ -28,6 +28,7 @@ from diffusers.training_utils import EMAModel
 from . import sdxl
 from .checkpoint import Checkpoint, CheckpointExistsError
 from .config import spec_hash
+from .errors import OutputError
 from .export import original_state_dict, save_single_file
 from .models import Components, build_inference_scheduler
 from .progress import Phase
@@ -112,6 +113,22 @@ def stage_checkpoint(
     )
 
 
+def _refuse_if_damaged(session: Session, step: int) -> None:
+    """The final step N is already committed: fine when it verifies (an earlier run got
+    there), an error when it does not (this run resumed from an older one because it was
+    damaged, and must not report the damaged one as its result)."""
+    existing = next((c for c in session.store.committed() if c.step == step), None)
+    if existing is None:
+        return
+    problems = session.store.verify_committed(existing)
+    if problems:
+        raise OutputError(
+            f"{existing.uri} is committed but damaged ({'; '.join(problems)}), so this run's "
+            f"step {step} cannot be committed in its place; move that folder away (or point "
+            "spec.output.uri elsewhere) and start again"
+        )
+
+
 def save_checkpoint(
     session: Session,
     trainee: Trainee,
@@ -173,6 +190,8 @@ def save_checkpoint(
             try:
                 checkpoint = session.store.commit(position.step, Path(tmp), manifest, session.fence)
             except CheckpointExistsError as exc:
+                if position.step >= total_steps:  # the run's result must not be a damaged one
+                    _refuse_if_damaged(session, position.step)
                 session.progress.say(f"warning: {exc.message}")
         session.fence()  # rotation deletes: only under the lease
         session.store.rotate(spec.output.keep_last)
