@@ -96,9 +96,11 @@ def run_train(
     processes: int,
     name: str = "ddp",
     timeout: float = 200,
+    sections: dict[str, Any] | None = None,
     **training: Any,
 ) -> Run:
-    """`kubedream train` on `processes` CPU processes (batch 1, constant LR unless overridden)."""
+    """`kubedream train` on `processes` CPU processes (batch 1, constant LR unless overridden);
+    `sections`: other parts of the spec (samples, output), deep-merged."""
     tmp.mkdir(parents=True, exist_ok=True)
     debug = tmp / "records"
     job = write_job(
@@ -107,6 +109,7 @@ def run_train(
         output,
         name=name,
         training={"batchSize": 1, "lrScheduler": "constant", "maxSteps": None, **training},
+        **(sections or {}),
     )
     result = subprocess.run(
         command(job, processes),
@@ -118,3 +121,33 @@ def run_train(
         check=False,
     )
     return Run(result.returncode, output, read_records(debug), result.stdout + result.stderr)
+
+
+STEPS = 8
+"""`two_ranks`: 2 epochs of 8 images in step batches of 2."""
+
+
+def assert_close_weights(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], env: dict[str, str]
+) -> None:
+    """Same weights up to float rounding: the two runs differ by under 1% of how far training
+    moved them from the tiny model's initial weights (Adam turns rounding in near-zero
+    gradients into learning-rate-sized steps, so an absolute bound would be arbitrary; a
+    different batch or no gradient sync differs by the order of the update itself)."""
+    (initial,) = Path(env["KUBEDREAM_CACHE_DIR"]).glob(
+        "tiny/*/unet/diffusion_pytorch_model.safetensors"
+    )
+    init = load_file(str(initial))
+    assert a.keys() == b.keys()
+    apart = sum(float((a[k] - b[k]).double().pow(2).sum()) for k in a) ** 0.5
+    moved = sum(float((a[k] - init[k]).double().pow(2).sum()) for k in a) ** 0.5
+    assert moved > 0
+    assert apart < 0.01 * moved, f"weights {apart} apart after moving {moved}"
+
+
+@pytest.fixture(scope="module")
+def two_ranks(
+    tmp_path_factory: pytest.TempPathFactory, dist_env: dict[str, str], data: Path
+) -> Run:
+    tmp = tmp_path_factory.mktemp("two")
+    return run_train(tmp, dist_env, data, tmp / "out", processes=2, epochs=2)

@@ -18,40 +18,19 @@ from itertools import chain
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from .conftest import Run, command, free_port, read_records, run_train, write_job
+from .conftest import (
+    STEPS,
+    Run,
+    assert_close_weights,
+    command,
+    free_port,
+    read_records,
+    run_train,
+    write_job,
+)
 
 pytestmark = pytest.mark.slow
-
-STEPS = 8  # 2 epochs of 8 images in step batches of 2
-
-
-def _assert_close(
-    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], env: dict[str, str]
-) -> None:
-    """Same weights up to float rounding: the two runs differ by under 1% of how far training
-    moved them from the tiny model's initial weights (Adam turns rounding in near-zero
-    gradients into learning-rate-sized steps, so an absolute bound would be arbitrary; a
-    different batch or no gradient sync differs by the order of the update itself)."""
-    (initial,) = Path(env["KUBEDREAM_CACHE_DIR"]).glob(
-        "tiny/*/unet/diffusion_pytorch_model.safetensors"
-    )
-    init = load_file(str(initial))
-    assert a.keys() == b.keys()
-    apart = sum(float((a[k] - b[k]).double().pow(2).sum()) for k in a) ** 0.5
-    moved = sum(float((a[k] - init[k]).double().pow(2).sum()) for k in a) ** 0.5
-    assert moved > 0
-    assert apart < 0.01 * moved, f"weights {apart} apart after moving {moved}"
-
-
-@pytest.fixture(scope="module")
-def two_ranks(
-    tmp_path_factory: pytest.TempPathFactory, dist_env: dict[str, str], data: Path
-) -> Run:
-    tmp = tmp_path_factory.mktemp("two")
-    return run_train(tmp, dist_env, data, tmp / "out", processes=2, epochs=2)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +73,7 @@ def test_same_step_batch_on_one_rank_gives_the_same_run(
         assert mine["indices"] == [r0["indices"][0], r1["indices"][0]]
     assert one_rank.losses() == pytest.approx(two_ranks.losses(), rel=1e-4)
     assert len(set(one_rank.losses())) > 1  # the curve is a curve
-    _assert_close(one_rank.unet(STEPS), two_ranks.unet(STEPS), dist_env)
+    assert_close_weights(one_rank.unet(STEPS), two_ranks.unet(STEPS), dist_env)
 
 
 @pytest.mark.parametrize(("first", "second"), [(2, 1), (1, 2)])
@@ -141,7 +120,7 @@ def test_resume_on_another_number_of_processes(
         )
         assert sorted(got) == sorted(chain.from_iterable(reference["indices"]))
         assert resumed["loss"] == pytest.approx(reference["loss"], rel=1e-4)
-    _assert_close(rest.unet(STEPS), one_rank.unet(STEPS), dist_env)
+    assert_close_weights(rest.unet(STEPS), one_rank.unet(STEPS), dist_env)
 
 
 def test_resume_with_another_step_batch_continues_the_epoch(
@@ -198,7 +177,7 @@ def test_accumulation_under_ddp_matches_one_process(
             chain.from_iterable(r0["indices"] + r1["indices"])
         )
     assert one.losses() == pytest.approx(two.losses(), rel=1e-4)
-    _assert_close(one.unet(4), two.unet(4), dist_env)
+    assert_close_weights(one.unet(4), two.unet(4), dist_env)
 
 
 def test_a_killed_rank_fails_the_group(

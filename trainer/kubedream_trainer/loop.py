@@ -29,7 +29,7 @@ from .epochs import (
     rank_batches,
     step_batch_size,
 )
-from .errors import OutputLockedError
+from .errors import JobError, OutputLockedError
 from .latent_store import LatentStore
 from .metrics import StepLog
 from .models import load_components, resolve_model_dir
@@ -37,6 +37,7 @@ from .preflight import check_inputs
 from .progress import Phase
 from .samples import sample_round
 from .session import Session
+from .sharding import wants_fsdp
 from .signals import StopRequest
 from .state import STATE_DIR, Position, fetch_state
 from .step import optimizer_step
@@ -89,6 +90,17 @@ def train(session: Session, stop: StopRequest) -> Outcome:
     with session.accelerator.local_main_process_first():
         model_dir = resolve_model_dir(spec.model.base, spec.storage, spec.model.family)
     components = load_components(model_dir, spec.model, training.zero_terminal_snr)
+    sharded = wants_fsdp(
+        training.data_parallel,
+        components.family,
+        bool(training.text_encoder_learning_rate),
+        world_size,
+    )
+    if sharded and session.precision == "fp16":
+        raise JobError(
+            "spec.training.dataParallel: FSDP trains in bf16 or fp32 and this GPU has no bf16; "
+            "set dataParallel to ddp or mixedPrecision to no"
+        )
     trainee = trainees.build(
         components,
         training,
@@ -97,6 +109,7 @@ def train(session: Session, stop: StopRequest) -> Outcome:
         rank,
         world_size,
         channels_last=session.env.channels_last_on(session.device),
+        sharded=sharded,
     )
     if trainee.latent_cache is not None:  # cached latents survive restarts, in the output
         trainee.latent_cache.attach(LatentStore.open(session.output, dataset, components.vae))
@@ -135,7 +148,12 @@ def train(session: Session, stop: StopRequest) -> Outcome:
     progress.phase(
         Phase.TRAINING,
         f"training {components.family} ({components.prediction_type}), "
-        f"{schedule.total_steps} steps",
+        f"{schedule.total_steps} steps"
+        + (
+            f", {'FSDP' if sharded else 'DDP'} over {world_size} processes"
+            if world_size > 1
+            else ""
+        ),
         step=position.step,
         epoch=position.epoch + 1,
     )

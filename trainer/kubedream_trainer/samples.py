@@ -94,13 +94,16 @@ def save(output: Storage, step: int, prompts: list[str], images: list[Image.Imag
 
 
 def sample_round(session: Session, trainee: Trainee, step: int) -> str | None:
-    """Render and save one round on rank 0 (EMA weights when EMA is on); others wait."""
+    """Render and save one round on rank 0 (EMA weights when EMA is on); others wait. Under
+    FSDP every rank renders the same images (each forward gathers weights from all ranks)
+    and rank 0 saves them."""
     spec = session.job.spec
     folder = None
-    if session.is_main and spec.samples.prompts:
-        session.progress.phase(
-            Phase.SAMPLING, f"rendering {len(spec.samples.prompts)} sample(s) at step {step}"
-        )
+    if spec.samples.prompts and (session.is_main or trainee.sharded):
+        if session.is_main:
+            session.progress.phase(
+                Phase.SAMPLING, f"rendering {len(spec.samples.prompts)} sample(s) at step {step}"
+            )
         with ema_weights(trainee.components.unet, trainee.ema):
             images = render(
                 trainee.components,
@@ -109,8 +112,9 @@ def sample_round(session: Session, trainee: Trainee, step: int) -> str | None:
                 session.device,
                 session.precision,
             )
-        folder = save(session.output, step, spec.samples.prompts, images)
-        session.progress.update(lastSamples=folder)
-        session.progress.say(f"samples written: {folder}")
+        if session.is_main:
+            folder = save(session.output, step, spec.samples.prompts, images)
+            session.progress.update(lastSamples=folder)
+            session.progress.say(f"samples written: {folder}")
     session.accelerator.wait_for_everyone()
     return folder

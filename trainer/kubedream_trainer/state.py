@@ -169,24 +169,26 @@ def restore_rng(states: dict[str, Any], noise_generator: torch.Generator) -> Non
 def write_state(
     folder: Path,
     *,
-    unet: torch.nn.Module,
-    text_encoder: torch.nn.Module | None,
+    unet: dict[str, torch.Tensor],
+    text_encoder: dict[str, torch.Tensor] | None,
     ema_state: dict[str, Any] | None,
-    optimizer: torch.optim.Optimizer,
+    ema_names: list[str],
+    optimizer: dict[str, Any],
     trainer: dict[str, Any],
 ) -> None:
-    """Write `training_state/` under `folder`. `trainer` holds position, schedule, RNG states."""
+    """Write `training_state/` under `folder` from whole state dicts: the UNet's and text
+    encoder's, EMA's (`shadow_params` in the order of `ema_names`, the UNet's parameter
+    names), the optimizer's; `trainer` holds position, schedule, RNG states."""
     out = folder / STATE_DIR
     out.mkdir(parents=True, exist_ok=True)
-    save_file(_cpu(unet.state_dict()), str(out / "unet.safetensors"))
+    save_file(_cpu(unet), str(out / "unet.safetensors"))
     if text_encoder is not None:
-        save_file(_cpu(text_encoder.state_dict()), str(out / "text_encoder.safetensors"))
+        save_file(_cpu(text_encoder), str(out / "text_encoder.safetensors"))
     if ema_state is not None:
-        names = [name for name, _ in unet.named_parameters()]
-        shadow = dict(zip(names, ema_state["shadow_params"], strict=True))
+        shadow = dict(zip(ema_names, ema_state["shadow_params"], strict=True))
         save_file(_cpu(shadow), str(out / "ema_unet.safetensors"))
         trainer = {**trainer, "ema": {k: v for k, v in ema_state.items() if k != "shadow_params"}}
-    torch.save(optimizer.state_dict(), out / "optimizer.pt")
+    torch.save(optimizer, out / "optimizer.pt")
     torch.save(trainer, out / "trainer.pt")
 
 

@@ -28,6 +28,7 @@ from . import latents, losses, sdxl
 from .data.loader import Batch
 from .errors import DivergedError
 from .models import Components, encode_prompt
+from .sharding import full_tensor
 from .trainee import Trainee
 
 
@@ -125,8 +126,8 @@ def optimizer_step(
     watched = [mean]
     if spec.max_grad_norm is not None:
         norm = accelerator.clip_grad_norm_(trainee.trainable_parameters(), spec.max_grad_norm)
-        if norm is not None:
-            watched.append(torch.as_tensor(norm).to(mean))
+        if norm is not None:  # FSDP: a DTensor, the whole norm once made full
+            watched.append(full_tensor(torch.as_tensor(norm)).to(mean))
     # The step's one device-to-host copy; nothing has touched a weight yet.
     values = torch.stack(watched).tolist()
     if not math.isfinite(values[0]):

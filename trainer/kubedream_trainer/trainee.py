@@ -31,6 +31,14 @@ from .latents import LatentCache
 from .models import Components
 from .optim import build_lr_scheduler, build_optimizer, param_groups
 from .sdxl import enable_text_checkpointing
+from .sharding import (
+    ExportCopy,
+    gradient_sync_off,
+    load_model_state,
+    load_optimizer_state,
+    shard,
+    shard_like,
+)
 from .state import LoadedState, Position, restore_rng
 
 
@@ -53,6 +61,17 @@ class Trainee:
     seed: int = 0
     rank: int = 0
     world_size: int = 1
+    sharded: bool = False
+    """FSDP: the trained modules hold 1/world of each weight (`sharding`)."""
+    export_copy: ExportCopy | None = None
+    """FSDP, rank 0: CPU copies of the trained modules, for exports."""
+
+    def trained_modules(self) -> dict[str, torch.nn.Module]:
+        """The raw modules that train, by the name checkpoints give them."""
+        modules = {"unet": cast(torch.nn.Module, self.components.unet)}
+        if self.text_encoder_trains:
+            modules["text_encoder"] = self.components.text_encoder
+        return modules
 
     def reseed_noise(self, step: int, micro_batch: int) -> None:
         """Seed the noise generator for micro-batch `micro_batch` of optimizer step `step`
@@ -71,7 +90,12 @@ class Trainee:
 
     @contextmanager
     def no_sync(self, accelerator: Accelerator) -> Iterator[None]:
-        """Skip DDP's gradient all-reduce (every micro-batch of a group but the last)."""
+        """Skip DDP's gradient all-reduce, or FSDP's reduce-scatter (every micro-batch of a
+        group but the last)."""
+        if self.sharded:
+            with gradient_sync_off(self.trained_modules().values()):
+                yield
+            return
         with ExitStack() as stack:
             stack.enter_context(accelerator.no_sync(self.unet))
             if self.text_encoder_trains:
@@ -87,12 +111,17 @@ def build(
     rank: int,
     world_size: int = 1,
     channels_last: bool = False,
+    sharded: bool = False,
 ) -> Trainee:
     """Freeze what does not train, move to the device, create optimizer, schedule and EMA.
     With `channels_last` the UNet's weights take the NHWC layout (before the optimizer and
-    EMA copy them, so their state shares it); the values do not change."""
+    EMA copy them, so their state shares it); the values do not change. With `sharded`
+    (FSDP), the trained modules are sharded across ranks before the optimizer and EMA are
+    built on them (rank 0 first keeps a CPU copy for exports)."""
     trains_text = bool(spec.text_encoder_learning_rate)
     vae, unet = cast(torch.nn.Module, components.vae), cast(torch.nn.Module, components.unet)
+    trained = {"unet": unet, **({"text_encoder": components.text_encoder} if trains_text else {})}
+    export_copy = ExportCopy(trained) if sharded and rank == 0 else None
     vae.requires_grad_(False).eval().to(device)
     unet.requires_grad_(True).train().to(device)
     if channels_last:
@@ -102,6 +131,9 @@ def build(
         components.unet.enable_gradient_checkpointing()
         if trains_text:
             enable_text_checkpointing(components.text_encoder)
+    if sharded:
+        for module in trained.values():
+            shard(module)
     groups = param_groups(
         spec,
         components.unet.parameters(),
@@ -132,18 +164,29 @@ def build(
         seed=spec.seed,
         rank=rank,
         world_size=world_size,
+        sharded=sharded,
+        export_copy=export_copy,
     )
 
 
 def restore(trainee: Trainee, loaded: LoadedState, accelerator: Accelerator, rank: int) -> Position:
     """Load a checkpoint's training state; returns where training stands."""
     components = trainee.components
-    components.unet.load_state_dict(loaded.unet, strict=True)
+    if trainee.sharded:
+        load_model_state(components.unet, loaded.unet)
+    else:
+        components.unet.load_state_dict(loaded.unet, strict=True)
     if trainee.text_encoder_trains and loaded.text_encoder is not None:
-        components.text_encoder.load_state_dict(loaded.text_encoder, strict=True)
+        if trainee.sharded:
+            load_model_state(components.text_encoder, loaded.text_encoder)
+        else:
+            components.text_encoder.load_state_dict(loaded.text_encoder, strict=True)
     try:
-        trainee.optimizer.load_state_dict(loaded.optimizer)
-    except (ValueError, KeyError) as exc:
+        if trainee.sharded:
+            load_optimizer_state(trainee.trained_modules(), trainee.optimizer, loaded.optimizer)
+        else:
+            trainee.optimizer.load_state_dict(loaded.optimizer)
+    except (ValueError, KeyError, IndexError) as exc:
         raise JobError(
             "spec.training: the checkpoint's optimizer state does not fit this job (optimizer or "
             f"trained networks changed since it was written: {exc}); use a new spec.output.uri"
@@ -155,6 +198,12 @@ def restore(trainee: Trainee, loaded: LoadedState, accelerator: Accelerator, ran
         names = [name for name, _ in components.unet.named_parameters()]
         state: dict[str, Any] = dict(loaded.trainer["ema"])
         state["shadow_params"] = [loaded.ema_shadow[name] for name in names]
+        if trainee.sharded:  # whole tensors from the checkpoint, cut like the weights
+            unet_params = components.unet.parameters()
+            state["shadow_params"] = [
+                shard_like(whole, p)
+                for whole, p in zip(state["shadow_params"], unet_params, strict=True)
+            ]
         trainee.ema.load_state_dict(state)
         trainee.ema.to(device=accelerator.device)
     rng_states = loaded.trainer["rng"]
@@ -163,10 +212,12 @@ def restore(trainee: Trainee, loaded: LoadedState, accelerator: Accelerator, ran
 
 
 def wrap(trainee: Trainee, accelerator: Accelerator, compile_backend: str | None) -> None:
-    """Prepare for (distributed) training: DDP where it applies, then torch.compile."""
-    trainee.unet = accelerator.prepare_model(trainee.components.unet)
-    if trainee.text_encoder_trains:
-        trainee.text_encoder = accelerator.prepare_model(trainee.components.text_encoder)
+    """Prepare for (distributed) training: DDP where it applies (FSDP modules are sharded
+    already), then torch.compile."""
+    if not trainee.sharded:
+        trainee.unet = accelerator.prepare_model(trainee.components.unet)
+        if trainee.text_encoder_trains:
+            trainee.text_encoder = accelerator.prepare_model(trainee.components.text_encoder)
     trainee.optimizer = accelerator.prepare_optimizer(trainee.optimizer)
     if compile_backend is not None:
         trainee.unet = torch.compile(trainee.unet, backend=compile_backend)  # type: ignore[assignment]

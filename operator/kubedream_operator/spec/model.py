@@ -162,11 +162,23 @@ class TrainingSpec(_Model):
     """Encode each image with the VAE once and reuse the latents (disables random flips per epoch: both flips are cached)."""
     compile: bool = False
     """torch.compile the UNet (static shapes per bucket)."""
+    data_parallel: Literal["auto", "ddp", "fsdp"] = "auto"
+    """With several processes: `ddp` keeps a full copy of the weights, gradients and optimizer state on every GPU (fastest when it fits); `fsdp` shards them across GPUs (PyTorch FSDP2), for models whose training state does not fit one GPU. `auto`: fsdp for SDXL with its text encoders trained, else ddp."""
 
     @model_validator(mode="after")
     def _length(self) -> TrainingSpec:
         if self.epochs is None and self.max_steps is None:
             raise PydanticCustomError("kd_missing", LENGTH_MISSING, {})
+        return self
+
+    @model_validator(mode="after")
+    def _fsdp_precision(self) -> TrainingSpec:
+        if self.data_parallel == "fsdp" and self.mixed_precision == "fp16":
+            raise PydanticCustomError(
+                "kd_fsdp_fp16",
+                "dataParallel fsdp trains in bf16 or fp32: set mixedPrecision to bf16, no or auto",
+                {},
+            )
         return self
 
 
