@@ -84,3 +84,39 @@ def test_resume_between_fsdp_and_one_process(
     assert all(float((exported[k] - ema[k]).abs().max()) == 0 for k in ema)
     if first == "fsdp":
         assert list((output / "samples").glob("step-3/*.png"))
+
+
+def test_sdxl_with_its_text_encoders_trained_shards_by_itself(
+    tmp_path: Path, dist_env: dict[str, str], data: Path
+) -> None:
+    """`dataParallel: auto` picks FSDP for SDXL with the text encoders trained (both encoders'
+    layers and the UNet's blocks sharded) and the run exports a loadable checkpoint."""
+    run = run_train(
+        tmp_path,
+        dist_env,
+        data,
+        tmp_path / "out",
+        processes=2,
+        maxSteps=2,
+        textEncoderLearningRate=5e-5,
+        sections={"model": {"base": "tiny-sdxl"}},
+    )
+    assert run.code == 0, run.log
+    assert "training sdxl" in run.log
+    assert "FSDP over 2 processes" in run.log
+    step = run.output / "checkpoints/step-2"
+    text = load_file(str(step / "training_state/text_encoder.safetensors"))
+    assert {k.split(".", 1)[0] for k in text} == {"text_encoder", "text_encoder_2"}
+    assert (step / "text_encoder_2").is_dir()
+    assert (step / "model.safetensors").is_file()
+
+
+def test_wants_fsdp() -> None:
+    from kubedream_trainer.sharding import wants_fsdp
+
+    assert wants_fsdp("auto", "sdxl", True, 2)
+    assert not wants_fsdp("auto", "sdxl", False, 2)
+    assert not wants_fsdp("auto", "sd1", True, 8)
+    assert wants_fsdp("fsdp", "sd1", False, 2)
+    assert not wants_fsdp("fsdp", "sdxl", True, 1)  # one process never shards
+    assert not wants_fsdp("ddp", "sdxl", True, 8)

@@ -187,6 +187,17 @@ def test_a_missing_length_is_reported_with_the_other_training_problems() -> None
     ]
 
 
+def test_fsdp_refuses_fp16() -> None:
+    doc = with_change("spec.training.dataParallel", "fsdp")
+    doc["spec"]["training"]["mixedPrecision"] = "fp16"
+    assert problems(doc) == [
+        "spec.training: dataParallel fsdp trains in bf16 or fp32: "
+        "set mixedPrecision to bf16, no or auto"
+    ]
+    doc["spec"]["training"]["mixedPrecision"] = "bf16"
+    assert parse_manifest(doc).spec.training.data_parallel == "fsdp"
+
+
 def test_validate_command_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(VALID))
