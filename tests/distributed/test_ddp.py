@@ -14,6 +14,8 @@ import signal
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
 
@@ -224,44 +226,43 @@ def test_a_killed_rank_fails_the_group(
     assert "training process 1 was killed by SIGKILL" in log, log
 
 
-def test_a_stopped_node_stops_the_group_and_the_other_node_exits_peer_stopped(
-    tmp_path: Path, dist_env: dict[str, str], data: Path
-) -> None:
-    """Two one-process "nodes" (two launchers, --nnodes 2, each with its own model cache, as
-    two pods). SIGTERM to node 0's launcher (what the kubelet does on eviction): both ranks
-    stop at the same step after one committed checkpoint; node 0 exits 143, node 1 exits 76
-    (peer stopped), the code the Job's podFailurePolicy ignores."""
-    debug = tmp_path / "records"
-    output = tmp_path / "out"
+@contextmanager
+def two_nodes(
+    tmp_path: Path, dist_env: dict[str, str], data: Path, **env: str
+) -> Iterator[list[subprocess.Popen[str]]]:
+    """Two one-process "nodes": two launchers (--nnodes 2, each with its own model cache, as
+    two pods) training a long job over loopback; yields them once rank 1 has trained two
+    steps, and kills what is left on the way out."""
     job = write_job(
         tmp_path / "job.yaml",
         data,
-        output,
-        name="stopped",
+        tmp_path / "out",
+        name="nodes",
         training={"batchSize": 1, "maxSteps": 10_000, "lrScheduler": "constant"},
         output={"saveEverySteps": 1000},
     )
+    debug = tmp_path / "records"
     port = str(free_port())
     launchers = []
     for node in (0, 1):
         cmd = [*command(job, 1), "--nnodes", "2", "--node-rank", str(node)]
         cmd += ["--master-addr", "127.0.0.1", "--master-port", port]
-        env = {
+        node_env = {
             **dist_env,
             "KUBEDREAM_DEBUG_BATCHES": str(debug),
             "KUBEDREAM_CACHE_DIR": str(tmp_path / f"cache-{node}"),
+            **env,
         }
         launchers.append(
             subprocess.Popen(
                 cmd,
-                env=env,
+                env=node_env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
                 start_new_session=True,
             )
         )
-    logs: list[str] = []
     try:
         deadline = time.monotonic() + 150
         while time.monotonic() < deadline and all(p.poll() is None for p in launchers):
@@ -269,21 +270,52 @@ def test_a_stopped_node_stops_the_group_and_the_other_node_exits_peer_stopped(
                 break
             time.sleep(0.5)
         assert all(p.poll() is None for p in launchers), "a node ended before training"
-        launchers[0].send_signal(signal.SIGTERM)
-        logs = [p.communicate(timeout=120)[0] for p in launchers]
+        yield launchers
     finally:
         for p in launchers:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+
+
+def test_a_stopped_node_stops_the_group_and_the_other_node_exits_peer_stopped(
+    tmp_path: Path, dist_env: dict[str, str], data: Path
+) -> None:
+    """SIGTERM to node 0's launcher (what the kubelet does on eviction): both ranks stop at
+    the same step after one committed checkpoint; node 0 exits 143, node 1 exits 76 (peer
+    stopped), the code the Job's podFailurePolicy ignores."""
+    with two_nodes(tmp_path, dist_env, data) as launchers:
+        launchers[0].send_signal(signal.SIGTERM)
+        logs = [p.communicate(timeout=120)[0] for p in launchers]
     assert [p.returncode for p in launchers] == [143, 76], logs
-    records = read_records(debug)
+    records = read_records(tmp_path / "records")
     last = records[0][-1]["step"]
     assert records[1][-1]["step"] == last  # both ranks stopped after the same step
+    output = tmp_path / "out"
     checkpoint = json.loads((output / f"checkpoints/step-{last + 1}/checkpoint.json").read_text())
     assert checkpoint["step"] == last + 1
     assert "stopped by signal 15" in logs[0], logs[0]
     assert "rank 1 stopped with another training process that got a stop signal" in logs[1]
+
+
+def test_a_rank_killed_on_another_node_fails_both_nodes_within_the_timeout(
+    tmp_path: Path, dist_env: dict[str, str], data: Path
+) -> None:
+    """SIGKILL to node 1's training process (a node lost, OOM): node 1's launcher exits 1
+    saying so; node 0's rank sees its collective fail and exits 1 with the lost-group
+    message, well within KUBEDREAM_DIST_TIMEOUT (both retryable: the Job restarts the group
+    from the last checkpoint)."""
+    with two_nodes(tmp_path, dist_env, data, KUBEDREAM_DIST_TIMEOUT="60") as launchers:
+        victim = read_records(tmp_path / "records")[1][0]["pid"]
+        killed_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        logs = [p.communicate(timeout=120)[0] for p in launchers]
+        waited = time.monotonic() - killed_at
+    assert [p.returncode for p in launchers] == [1, 1], logs
+    assert waited < 60 + 30
+    assert "training process 1 was killed by SIGKILL" in logs[1], logs[1]
+    assert "rank 0 lost the process group" in logs[0], logs[0]
+    assert "Starting the job again resumes from the last checkpoint" in logs[0]
 
 
 def test_a_permanent_worker_code_is_the_launchers(tmp_path: Path, dist_env: dict[str, str]) -> None:

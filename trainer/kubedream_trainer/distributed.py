@@ -110,6 +110,27 @@ def init_process_group(device: torch.device) -> None:
         ) from None
 
 
+_PEER_LOSS_SIGNS = (
+    "gloo/transport",
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "Broken pipe",
+)
+"""How gloo's failed collectives read: a plain RuntimeError, not a `DistError` (NCCL's are)."""
+
+
+def is_peer_loss(exc: BaseException) -> bool:
+    """Whether `exc` is a collective that failed because another rank went away."""
+    if isinstance(exc, dist.DistError):
+        return True
+    return (
+        isinstance(exc, RuntimeError)
+        and dist.is_available()
+        and dist.is_initialized()
+        and any(sign in str(exc) for sign in _PEER_LOSS_SIGNS)
+    )
+
+
 def peer_lost(exc: BaseException) -> PeerLostError:
     """The message for a collective that failed because another rank went away."""
     rank = os.environ.get("RANK", "?")

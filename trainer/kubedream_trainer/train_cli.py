@@ -19,7 +19,7 @@ import time
 from kubedream_operator.spec import FineTuneJob, SpecError, load_job
 
 from .config import TrainerEnv
-from .distributed import PeerLostError, launch, peer_lost, wants_launch
+from .distributed import PeerLostError, is_peer_loss, launch, peer_lost, wants_launch
 from .errors import ExitCode, OutputError, OutputLockedError, TrainerError
 from .preflight import check_output
 from .progress import Phase, Progress
@@ -117,7 +117,9 @@ def _train(args: argparse.Namespace, job: FineTuneJob, said: io.StringIO, starte
             except StorageError as exc:
                 ended = True
                 return _fail(session.progress, OutputError(str(exc)))
-            except DistError as exc:  # a collective failed: another rank is gone
+            except (DistError, RuntimeError) as exc:  # a collective failed: a rank is gone
+                if not is_peer_loss(exc):
+                    raise  # a bug: the traceback follows
                 ended = True
                 return _peer_lost(session.progress, peer_lost(exc))
             finally:
@@ -134,7 +136,9 @@ def _train(args: argparse.Namespace, job: FineTuneJob, said: io.StringIO, starte
     except PeerLostError as exc:  # the group could not form, or broke outside the loop
         print(f"kubedream: {exc.message}", file=sys.stderr)
         return exc.exit_code
-    except DistError as exc:
+    except (DistError, RuntimeError) as exc:
+        if not is_peer_loss(exc):
+            raise
         print(f"kubedream: {peer_lost(exc).message}", file=sys.stderr)
         return PeerLostError.exit_code
     if outcome is Outcome.INTERRUPTED:
