@@ -72,3 +72,41 @@ def test_accumulated_gradients_are_the_mean_of_the_micro_batches() -> None:
     assert scale > 0
     worst, where = max(((single[k] - doubled[k]).abs().max().item(), k) for k in single)
     assert worst <= 1e-5 * scale + 1e-8, f"{where}: differs by {worst:.3g} (scale {scale:.3g})"
+
+
+def test_a_step_the_grad_scaler_skips_leaves_ema_and_schedule_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """fp16: when the scaler skips a step (inf gradients), the weights do not move, so the
+    EMA must not decay towards them nor count the step, and the LR schedule stays put."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from kubedream_trainer.models import load_components
+    from kubedream_trainer.tiny import tiny_model_dir
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(cpu=True)
+    components = load_components(tiny_model_dir("sd1"), ModelSpec(base="tiny"), False)
+    spec = TrainingSpec.model_validate({"maxSteps": 2, "ema": {"decay": 0.5}, "seed": 7})
+    trainee = trainee_module.build(components, spec, torch.device("cpu"), total_steps=2, rank=0)
+    assert trainee.ema is not None
+    batch = Batch(
+        pixel_values=torch.zeros((1, 3, 64, 64)),
+        captions=["a cat"],
+        indices=[0],
+        flipped=[False],
+    )
+    shadow = [t.clone() for t in trainee.ema.shadow_params]
+    monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(lambda self: True))
+    real_step = trainee.optimizer.step
+    trainee.optimizer.step = lambda *a, **k: None  # type: ignore[method-assign]
+    last_epoch = trainee.lr_scheduler.last_epoch
+    step_module.optimizer_step(trainee, [batch], spec, accelerator, step=0)
+    assert trainee.ema.optimization_step == 0
+    assert all(torch.equal(a, b) for a, b in zip(shadow, trainee.ema.shadow_params, strict=True))
+    assert trainee.lr_scheduler.last_epoch == last_epoch
+    monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(lambda self: False))
+    trainee.optimizer.step = real_step  # type: ignore[method-assign]
+    step_module.optimizer_step(trainee, [batch], spec, accelerator, step=1)
+    assert trainee.ema.optimization_step == 1

@@ -143,10 +143,11 @@ def optimizer_step(
             "spec.training.unetLearningRate (or textEncoderLearningRate)"
         )
     trainee.optimizer.step()
-    if not accelerator.optimizer_step_was_skipped:
+    skipped = accelerator.optimizer_step_was_skipped  # fp16: the scaler found inf gradients
+    if not skipped:
         trainee.lr_scheduler.step()
     trainee.optimizer.zero_grad(set_to_none=True)
-    if trainee.ema is not None:
+    if trainee.ema is not None and not skipped:  # the weights did not move: neither does EMA
         trainee.ema.step(trainee.components.unet.parameters())
     return StepResult(
         loss=values[0],
