@@ -6,7 +6,6 @@ address resolved to 127.0.0.1 by the agent), training to Succeeded.
 
 from __future__ import annotations
 
-import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,14 @@ import pytest
 
 from kubedream_operator.contract import MASTER_PORT
 from kubedream_operator.devbed.bed import BedInfo
-from tests.operator.bed_support import Jobs, Operator, PodWatch, establish_crd, trainer_exit
+from tests.operator.bed_support import (
+    Jobs,
+    Operator,
+    PodWatch,
+    establish_crd,
+    progress_step,
+    trainer_exit,
+)
 from tests.operator.helpers import minimal_spec
 from tests.plugins.bed import wait_for
 
@@ -88,13 +94,6 @@ def pod_watch(bed: BedInfo, namespace: str) -> Iterator[PodWatch]:
     watch.stop()
 
 
-def _progress_step(output: Path) -> int:
-    try:
-        return int(json.loads((output / "progress.json").read_text()).get("step") or 0)
-    except (OSError, ValueError):
-        return 0
-
-
 def _ended_version(pod_watch: PodWatch, pod: str) -> dict[str, Any] | None:
     return next((v for v in pod_watch.of(pod) if v["status"].get("phase") == "Failed"), None)
 
@@ -112,7 +111,7 @@ def test_evicting_one_pod_restarts_the_group_without_spending_the_backoff_limit(
     spec = _two_node_spec(output)
     spec["training"]["maxSteps"] = 60
     jobs.create("evict", spec)
-    wait_for(lambda: _progress_step(output) >= 2, 200, "two trained steps")
+    wait_for(lambda: progress_step(output) >= 2, 200, "two trained steps")
     first = {
         p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]: p["metadata"][
             "name"

@@ -6,6 +6,7 @@ wrap them (`crd`, `jobs`, `operator`) are in conftest.py.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -251,3 +252,11 @@ class PodWatch:
         self._stopped.set()
         self._thread.join(30)
         self.rest.api.close()
+
+
+def progress_step(output: Path) -> int:
+    """The step in a trainer's local progress.json (0 before there is one)."""
+    try:
+        return int(json.loads((output / "progress.json").read_text()).get("step") or 0)
+    except (OSError, ValueError):
+        return 0

@@ -18,7 +18,7 @@ from kubedream_operator.render import OperatorDefaults, Owner, render_children
 from kubedream_operator.spec import parse_spec
 from tests.plugins.bed import wait_for
 
-from .bed_support import Jobs, Operator
+from .bed_support import Jobs, Operator, progress_step
 from .helpers import minimal_spec
 
 pytestmark = pytest.mark.testbed
@@ -278,6 +278,11 @@ def test_a_restarted_operator_creates_no_duplicate(
 TRAINING_ROOT = Path(__file__).resolve().parents[2] / "examples" / "data" / "training"
 
 
+SUSPEND_STEPS = 60
+"""Enough that a suspend (operator, Job controller, the node agent's SIGTERM: seconds) lands
+mid-training."""
+
+
 def _trainer_spec(output: Path, **training: Any) -> dict[str, Any]:
     return minimal_spec(
         data={"roots": [{"uri": str(TRAINING_ROOT)}], "resolution": 64, "loaderWorkers": 0},
@@ -314,8 +319,9 @@ def test_suspend_mid_training_resumes_from_the_checkpoint(
     jobs: Jobs, operator: Operator, tmp_path: Path
 ) -> None:
     output = tmp_path / "run"
-    jobs.create("pause", _trainer_spec(output, maxSteps=12))
-    wait_for(lambda: (jobs.status("pause").get("step") or 0) >= 2, 150, "a few training steps")
+    # progress.json is read directly: it changes every step, status once a second.
+    jobs.create("pause", _trainer_spec(output, maxSteps=SUSPEND_STEPS))
+    wait_for(lambda: progress_step(output) >= 2, 150, "a few training steps")
     jobs.patch_spec("pause", {"runPolicy": {"suspend": True}})
     wait_for(
         lambda: jobs.phase("pause") == "Suspended" and not jobs.live_pods("pause"),
@@ -326,14 +332,14 @@ def test_suspend_mid_training_resumes_from_the_checkpoint(
         lambda: jobs.status("pause").get("lastCheckpoint"), 30, "the checkpoint in status"
     )
     stopped_at = int(checkpoint.rsplit("-", 1)[1])
-    assert 2 <= stopped_at < 12
+    assert 2 <= stopped_at < SUSPEND_STEPS
     jobs.patch_spec("pause", {"runPolicy": {"suspend": False}})
     wait_for(
         lambda: jobs.phase("pause") in ("Succeeded", "Failed"), 200, "the resumed training to end"
     )
     status = jobs.status("pause")
     assert status["phase"] == "Succeeded", status.get("message")
-    assert status["step"] == 12
+    assert status["step"] == SUSPEND_STEPS
     assert status["checkpoints"][0] == checkpoint  # the resumed run kept the suspend checkpoint
     assert status["restarts"] == 0  # suspension is not a failure
 
