@@ -182,94 +182,57 @@ def test_accumulation_under_ddp_matches_one_process(
     assert_close_weights(one.unet(4), two.unet(4), dist_env)
 
 
-def test_a_killed_rank_fails_the_group(
-    tmp_path: Path, dist_env: dict[str, str], data: Path
-) -> None:
-    """SIGKILL one worker mid-training: the launcher exits 1 (retryable) well within the
-    timeout, saying a training process was killed."""
-    debug = tmp_path / "records"
-    job = write_job(
-        tmp_path / "job.yaml",
-        data,
-        tmp_path / "out",
-        name="killed",
-        training={"batchSize": 1, "maxSteps": 10_000, "lrScheduler": "constant"},
-    )
-    env = {**dist_env, "KUBEDREAM_DEBUG_BATCHES": str(debug), "KUBEDREAM_DIST_TIMEOUT": "30"}
-    launcher = subprocess.Popen(
-        command(job, 2),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 150
-        victim = None
-        while time.monotonic() < deadline and launcher.poll() is None:
-            records = read_records(debug) if debug.is_dir() else {}
-            if len(records.get(1, [])) >= 2:
-                victim = records[1][0]["pid"]
-                break
-            time.sleep(0.5)
-        assert victim is not None, "rank 1 never trained two steps"
-        killed_at = time.monotonic()
-        os.kill(victim, signal.SIGKILL)
-        log, _ = launcher.communicate(timeout=90)
-        assert time.monotonic() - killed_at < 90
-    finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
-            launcher.wait()
-    assert launcher.returncode == 1, log
-    assert "training process 1 was killed by SIGKILL" in log, log
-
-
 @contextmanager
-def two_nodes(
-    tmp_path: Path, dist_env: dict[str, str], data: Path, **env: str
+def training(
+    tmp_path: Path, dist_env: dict[str, str], data: Path, nodes: int, **env: str
 ) -> Iterator[list[subprocess.Popen[str]]]:
-    """Two one-process "nodes": two launchers (--nnodes 2, each with its own model cache, as
-    two pods) training a long job over loopback; yields them once rank 1 has trained two
-    steps, and kills what is left on the way out."""
+    """A long job on 2 processes: one launcher with both (`nodes` 1), or one launcher per
+    process, each with its own model cache, as two pods (`nodes` 2), over loopback. Yields
+    the launchers once rank 1 has trained two steps; kills what is left on the way out."""
     job = write_job(
         tmp_path / "job.yaml",
         data,
         tmp_path / "out",
-        name="nodes",
+        name="long",
         training={"batchSize": 1, "maxSteps": 10_000, "lrScheduler": "constant"},
         output={"saveEverySteps": 1000},
     )
     debug = tmp_path / "records"
-    port = str(free_port())
-    launchers = []
-    for node in (0, 1):
-        cmd = [*command(job, 1), "--nnodes", "2", "--node-rank", str(node)]
-        cmd += ["--master-addr", "127.0.0.1", "--master-port", port]
-        node_env = {
-            **dist_env,
-            "KUBEDREAM_DEBUG_BATCHES": str(debug),
-            "KUBEDREAM_CACHE_DIR": str(tmp_path / f"cache-{node}"),
-            **env,
-        }
-        launchers.append(
-            subprocess.Popen(
-                cmd,
-                env=node_env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                start_new_session=True,
+    base_env = {**dist_env, "KUBEDREAM_DEBUG_BATCHES": str(debug), **env}
+    if nodes == 1:
+        runs = [(command(job, 2), base_env)]
+    else:
+        port = str(free_port())
+        runs = [
+            (
+                [
+                    *command(job, 1),
+                    *("--nnodes", "2", "--node-rank", str(node)),
+                    *("--master-addr", "127.0.0.1", "--master-port", port),
+                ],
+                {**base_env, "KUBEDREAM_CACHE_DIR": str(tmp_path / f"cache-{node}")},
             )
+            for node in range(nodes)
+        ]
+    launchers = [
+        subprocess.Popen(
+            cmd,
+            env=run_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
         )
+        for cmd, run_env in runs
+    ]
     try:
         deadline = time.monotonic() + 150
         while time.monotonic() < deadline and all(p.poll() is None for p in launchers):
             if len(read_records(debug).get(1, [])) >= 2 if debug.is_dir() else False:
                 break
             time.sleep(0.5)
-        assert all(p.poll() is None for p in launchers), "a node ended before training"
+        assert all(p.poll() is None for p in launchers), "a launcher ended before training"
+        assert len(read_records(debug).get(1, [])) >= 2, "rank 1 never trained two steps"
         yield launchers
     finally:
         for p in launchers:
@@ -278,13 +241,28 @@ def two_nodes(
                 p.wait()
 
 
+def test_a_killed_rank_fails_the_group(
+    tmp_path: Path, dist_env: dict[str, str], data: Path
+) -> None:
+    """SIGKILL one worker mid-training: the launcher exits 1 (retryable) well within the
+    timeout, saying a training process was killed."""
+    with training(tmp_path, dist_env, data, 1, KUBEDREAM_DIST_TIMEOUT="30") as (launcher,):
+        victim = read_records(tmp_path / "records")[1][0]["pid"]
+        killed_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        log, _ = launcher.communicate(timeout=90)
+        assert time.monotonic() - killed_at < 90
+    assert launcher.returncode == 1, log
+    assert "training process 1 was killed by SIGKILL" in log, log
+
+
 def test_a_stopped_node_stops_the_group_and_the_other_node_exits_peer_stopped(
     tmp_path: Path, dist_env: dict[str, str], data: Path
 ) -> None:
     """SIGTERM to node 0's launcher (what the kubelet does on eviction): both ranks stop at
     the same step after one committed checkpoint; node 0 exits 143, node 1 exits 76 (peer
     stopped), the code the Job's podFailurePolicy ignores."""
-    with two_nodes(tmp_path, dist_env, data) as launchers:
+    with training(tmp_path, dist_env, data, 2) as launchers:
         launchers[0].send_signal(signal.SIGTERM)
         logs = [p.communicate(timeout=120)[0] for p in launchers]
     assert [p.returncode for p in launchers] == [143, 76], logs
@@ -305,7 +283,7 @@ def test_a_rank_killed_on_another_node_fails_both_nodes_within_the_timeout(
     saying so; node 0's rank sees its collective fail and exits 1 with the lost-group
     message, well within KUBEDREAM_DIST_TIMEOUT (both retryable: the Job restarts the group
     from the last checkpoint)."""
-    with two_nodes(tmp_path, dist_env, data, KUBEDREAM_DIST_TIMEOUT="60") as launchers:
+    with training(tmp_path, dist_env, data, 2, KUBEDREAM_DIST_TIMEOUT="60") as launchers:
         victim = read_records(tmp_path / "records")[1][0]["pid"]
         killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)

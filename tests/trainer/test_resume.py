@@ -228,9 +228,12 @@ def test_half_written_checkpoints_are_ignored_and_cleaned(
     assert committed_steps(output) == [2, 4]
 
 
-def test_a_damaged_committed_checkpoint_is_skipped_for_an_older_one(
+@pytest.fixture
+def damaged_final(
     tmp_path: Path, data_root: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+) -> tuple[Path, Path, Path]:
+    """A finished 4-step job (checkpoints at 2 and 4) whose step-4 optimizer state was then
+    truncated: (job, output, the damaged file)."""
     output = tmp_path / "out"
     job = write_job(
         tmp_path / "job.yaml",
@@ -243,7 +246,16 @@ def test_a_damaged_committed_checkpoint_is_skipped_for_an_older_one(
     damaged = output / "checkpoints/step-4/training_state/optimizer.pt"
     damaged.write_bytes(damaged.read_bytes()[:-10])
     capsys.readouterr()
+    return job, output, damaged
 
+
+def test_a_damaged_committed_checkpoint_is_skipped_for_an_older_one(
+    tmp_path: Path,
+    data_root: Path,
+    capsys: pytest.CaptureFixture[str],
+    damaged_final: tuple[Path, Path, Path],
+) -> None:
+    _, output, damaged = damaged_final
     assert train(write_job(tmp_path / "six.yaml", data_root, output, training={"maxSteps": 6})) == 0
     assert f"resuming from {output / 'checkpoints/step-2'}" in capsys.readouterr().err
     assert committed_steps(output) == [2, 4, 6]
@@ -251,24 +263,12 @@ def test_a_damaged_committed_checkpoint_is_skipped_for_an_older_one(
 
 
 def test_a_damaged_final_checkpoint_is_not_reported_as_the_result(
-    tmp_path: Path, data_root: Path, capsys: pytest.CaptureFixture[str]
+    capsys: pytest.CaptureFixture[str], damaged_final: tuple[Path, Path, Path]
 ) -> None:
     """The final step's checkpoint is damaged: starting the job again resumes from the one
     before, trains to the final step, and fails (exit 4) naming the damaged folder, rather
     than reporting success with it."""
-    output = tmp_path / "out"
-    job = write_job(
-        tmp_path / "job.yaml",
-        data_root,
-        output,
-        training={"maxSteps": 4},
-        output={"saveEverySteps": 2},
-    )
-    assert train(job) == 0
-    damaged = output / "checkpoints/step-4/training_state/optimizer.pt"
-    damaged.write_bytes(damaged.read_bytes()[:-10])
-    capsys.readouterr()
-
+    job, output, damaged = damaged_final
     assert train(job) == ExitCode.STORAGE
     said = capsys.readouterr().err
     assert f"resuming from {output / 'checkpoints/step-2'}" in said
