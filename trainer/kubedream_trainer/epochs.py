@@ -20,7 +20,7 @@ from kubedream_operator.spec import FineTuneJobSpec
 from .data import DataRootError, Dataset
 from .data.loader import BatchLoader
 from .data.manifest import scan_roots_cached
-from .data.plan import count_batches, cut_batches, epoch_order
+from .data.plan import EpochOrder, count_batches, cut_batches, epoch_order
 from .errors import JobError
 from .state import Position
 from .storage import Storage
@@ -115,9 +115,9 @@ def dataset_fingerprint(dataset: Dataset) -> str:
     )
 
 
-def order_fingerprint(dataset: Dataset, spec: FineTuneJobSpec, epoch: int) -> str:
+def order_fingerprint(order: EpochOrder) -> str:
     """Identity of one epoch's image order (what a resumed run continues)."""
-    return _digest(list(epoch_order(dataset, epoch, spec.training.seed).images))
+    return _digest(list(order.images))
 
 
 def step_batch_size(spec: FineTuneJobSpec, world_size: int) -> int:

@@ -15,6 +15,7 @@ from enum import Enum
 
 from . import trainee as trainees
 from .checkpoint import Checkpoint
+from .data.plan import cut_batches, epoch_order
 from .distributed import record_step, shared_choice
 from .epochs import (
     accumulation_groups,
@@ -23,7 +24,6 @@ from .epochs import (
     data_changed,
     dataset_fingerprint,
     epoch_loader,
-    global_plan,
     load_dataset,
     order_fingerprint,
     rank_batches,
@@ -123,7 +123,7 @@ def train(session: Session, stop: StopRequest) -> Outcome:
         changed = data_changed(
             latest.manifest,
             fingerprints["datasetFingerprint"],
-            order_fingerprint(dataset, spec, position.epoch),
+            order_fingerprint(epoch_order(dataset, position.epoch, training.seed)),
         )
         resized = any(size != step_batch for size, _ in position.epoch_cuts)
         progress.say(
@@ -160,10 +160,11 @@ def train(session: Session, stop: StopRequest) -> Outcome:
     step_log = StepLog(session.env.metrics_file if session.is_main else None, session.device)
     while position.step < schedule.total_steps:
         # A resumed epoch's plan starts with the step batches its checkpoint trained.
-        plan = global_plan(dataset, spec, position.epoch, world_size, position.epoch_cuts)
+        order = epoch_order(dataset, position.epoch, training.seed)
+        plan = cut_batches(order, step_batch, position.epoch_cuts)
         batches = rank_batches(plan, spec, world_size, rank)
         ids = batch_ids(len(batches), spec, world_size, rank)
-        fingerprints["planFingerprint"] = order_fingerprint(dataset, spec, position.epoch)
+        fingerprints["planFingerprint"] = order_fingerprint(order)
         start_at = position.batch_in_epoch
         if start_at >= len(batches):  # the data shrank under a resumed epoch: it is over
             position = Position(position.step, position.epoch + 1, 0, position.images_seen, 0)
