@@ -6,6 +6,8 @@ agent runs, with the controller-manager's Job controller and garbage collector d
 from __future__ import annotations
 
 import copy
+import json
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -358,6 +360,56 @@ def test_bad_data_fails_with_the_trainers_message(
     assert "no-such-folder" in failed["message"]  # the trainer's own words, via progress.json
     assert "exited with code 2" in failed["message"]
     assert len(jobs.pods("nodata")) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_job_past_its_deadline_fails_and_keeps_a_checkpoint(
+    jobs: Jobs, operator: Operator, tmp_path: Path
+) -> None:
+    """runPolicy.activeDeadlineSeconds reaches the Job: the Job controller ends the running
+    pod (SIGTERM, so the trainer commits a checkpoint first) and fails the Job; the
+    FineTuneJob says why and nothing trained is lost."""
+    output = tmp_path / "run"
+    spec = _trainer_spec(output, maxSteps=100_000)
+    spec["runPolicy"]["activeDeadlineSeconds"] = 25
+    jobs.create("late", spec)
+    job = wait_for(lambda: jobs.job("late"), 30, "the Job")
+    assert job["spec"]["activeDeadlineSeconds"] == 25
+    wait_for(lambda: jobs.phase("late") == "Failed", 150, "phase Failed")
+    failed = {c["type"]: c for c in jobs.status("late")["conditions"]}["Failed"]
+    assert failed["reason"] == "DeadlineExceeded", failed
+    assert "deadline" in failed["message"]
+    committed = wait_for(
+        lambda: sorted((output / "checkpoints").glob("step-*/checkpoint.json")),
+        60,
+        "the checkpoint committed on SIGTERM",
+    )
+    step = json.loads(committed[-1].read_text())["step"]
+    assert 0 < step < 100_000
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_finished_job_deleted_by_its_ttl_is_not_trained_again(
+    jobs: Jobs, operator: Operator, tmp_path: Path
+) -> None:
+    """runPolicy.ttlSecondsAfterFinished 0: the TTL controller deletes the Job the moment it
+    completes, maybe before a status tick saw it; the FineTuneJob still ends Succeeded and
+    stays so, with no second Job (no second training)."""
+    output = tmp_path / "run"
+    spec = _trainer_spec(output, maxSteps=3)
+    spec["runPolicy"]["ttlSecondsAfterFinished"] = 0
+    jobs.create("brief", spec)
+    first = wait_for(lambda: jobs.job("brief"), 30, "the Job")
+    uid = first["metadata"]["uid"]
+    wait_for(lambda: jobs.phase("brief") == "Succeeded", 180, "phase Succeeded")
+    wait_for(lambda: jobs.job("brief") is None, 60, "the TTL controller to delete the Job")
+    time.sleep(5)  # several status ticks (1 s) with the Job gone
+    assert jobs.phase("brief") == "Succeeded"
+    again = jobs.job("brief")
+    assert again is None or again["metadata"]["uid"] == uid, "a second Job was created"
+    assert json.loads((output / "progress.json").read_text())["step"] == 3
 
 
 @pytest.mark.slow
