@@ -244,6 +244,9 @@ def _instrumented(handler: str) -> Callable[[Callable[..., None]], Callable[...,
                 except kopf.PermanentError:
                     metrics.errors.labels(handler, "permanent").inc()
                     raise
+                except Exception:  # a bug or an unmapped API error: kopf retries it
+                    metrics.errors.labels(handler, "unexpected").inc()
+                    raise
 
         return run
 

@@ -1,7 +1,8 @@
 """The operator's Prometheus metrics, served on `kubedream operator --metrics-port`.
 
 - `kubedream_finetunejobs{phase}`: FineTuneJobs by status.phase, as last seen by the watch.
-- `kubedream_reconcile_errors_total{handler, kind}`: failed handler runs (temporary or permanent).
+- `kubedream_reconcile_errors_total{handler, kind}`: failed handler runs (kind: temporary,
+  permanent, or unexpected: an exception the handler did not expect, which kopf retries).
 - `kubedream_reconcile_duration_seconds{handler}`: handler run time.
 
 The handlers update them; `serve` starts the HTTP endpoint. A registry of our own keeps the
@@ -29,7 +30,7 @@ class Metrics:
         )
         self.errors = Counter(
             "kubedream_reconcile_errors",
-            "Handler runs that failed, by handler and kind (temporary or permanent).",
+            "Handler runs that failed, by handler and kind (temporary, permanent, unexpected).",
             ["handler", "kind"],
             registry=self.registry,
         )

@@ -304,3 +304,19 @@ def test_temporary_errors_get_backoff_and_are_counted(
         )
     assert caught.value.delay == 40.0
     assert ctx.metrics.errors.labels("status", "temporary")._value.get() == 1
+
+
+def test_unexpected_errors_are_counted_and_left_to_kopf(
+    kube: FakeKube, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ctx = make_context(kube)
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(kube, "get", broken)
+    with pytest.raises(KeyError):
+        handlers.refresh_status(
+            body=_body(minimal_spec()), patch=kopf.Patch(), memo=kopf.Memo(context=ctx), retry=0
+        )
+    assert ctx.metrics.errors.labels("status", "unexpected")._value.get() == 1
