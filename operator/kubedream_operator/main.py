@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import random
 import sys
 from pathlib import Path
@@ -36,48 +35,13 @@ from typing import Any
 import kopf
 from kubernetes import config
 from kubernetes.config.config_exception import ConfigException
-from pydantic import ValidationError
 
 from .k8s import Kube
 from .metrics import Metrics
-from .render import DEFAULT_TRAINER_IMAGE, OperatorDefaults
-from .spec import SpecError, StorageSpec
-from .spec.load import problems_from
+from .render import defaults_from
+from .spec import SpecError
 
 _SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-S3_ENV = {
-    "endpoint": "KUBEDREAM_S3_ENDPOINT",
-    "region": "KUBEDREAM_S3_REGION",
-    "addressingStyle": "KUBEDREAM_S3_ADDRESSING_STYLE",
-    "credentialsSecret": "KUBEDREAM_S3_CREDENTIALS_SECRET",
-}
-"""`spec.storage` field -> environment variable holding the operator's default for it."""
-
-
-def storage_defaults(env: dict[str, str]) -> StorageSpec:
-    """The S3 defaults from KUBEDREAM_S3_*; raises SpecError naming each bad variable."""
-    given = {field: env[var] for field, var in S3_ENV.items() if env.get(var)}
-    try:
-        return StorageSpec.model_validate(given)
-    except ValidationError as exc:
-        problems = [
-            S3_ENV.get(line.split(":", 1)[0], "") + ":" + line.split(":", 1)[1]
-            for line in problems_from(exc, prefix=())
-        ]
-        raise SpecError(problems, "environment") from None
-
-
-def defaults_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> OperatorDefaults:
-    """Operator defaults from the command line and the environment."""
-    env = dict(os.environ) if env is None else env
-    return OperatorDefaults(
-        trainer_image=args.trainer_image
-        or env.get("KUBEDREAM_TRAINER_IMAGE")
-        or DEFAULT_TRAINER_IMAGE,
-        service_account=env.get("KUBEDREAM_TRAINER_SERVICE_ACCOUNT", "default"),
-        termination_grace_seconds=int(env.get("KUBEDREAM_TERMINATION_GRACE_SECONDS", "600")),
-        storage=storage_defaults(env),
-    )
 
 
 def current_namespace() -> str:
@@ -118,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     namespaces = [] if args.all_namespaces else (args.namespace or [current_namespace()])
     try:
-        defaults = defaults_from(args)
+        defaults = defaults_from(args.trainer_image)
     except SpecError as exc:
         print("kubedream operator: invalid settings:", *exc.problems, sep="\n  ", file=sys.stderr)
         return 2

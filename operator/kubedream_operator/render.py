@@ -18,11 +18,13 @@ FineTuneJob, so deleting the FineTuneJob garbage-collects them.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from . import contract
 from .spec import (
@@ -31,9 +33,11 @@ from .spec import (
     FineTuneJob,
     FineTuneJobSpec,
     ResourcesSpec,
+    SpecError,
     StorageSpec,
     to_manifest,
 )
+from .spec.load import problems_from
 
 
 def _default_image() -> str:
@@ -197,6 +201,40 @@ def trainer_env(spec: FineTuneJobSpec) -> list[dict[str, Any]]:
                 }
             )
     return env
+
+
+S3_ENV = {
+    "endpoint": "KUBEDREAM_S3_ENDPOINT",
+    "region": "KUBEDREAM_S3_REGION",
+    "addressingStyle": "KUBEDREAM_S3_ADDRESSING_STYLE",
+    "credentialsSecret": "KUBEDREAM_S3_CREDENTIALS_SECRET",
+}
+"""`spec.storage` field -> environment variable holding the operator's default for it."""
+
+
+def storage_defaults(env: dict[str, str]) -> StorageSpec:
+    """The S3 defaults from KUBEDREAM_S3_*; raises SpecError naming each bad variable."""
+    given = {field: env[var] for field, var in S3_ENV.items() if env.get(var)}
+    try:
+        return StorageSpec.model_validate(given)
+    except ValidationError as exc:
+        problems = [
+            S3_ENV.get(line.split(":", 1)[0], "") + ":" + line.split(":", 1)[1]
+            for line in problems_from(exc, prefix=())
+        ]
+        raise SpecError(problems, "environment") from None
+
+
+def defaults_from(trainer_image: str | None, env: dict[str, str] | None = None) -> OperatorDefaults:
+    """Operator defaults from the command line (`--trainer-image`, `--image`) and the
+    environment: the same for `kubedream operator` and `kubedream render`."""
+    env = dict(os.environ) if env is None else env
+    return OperatorDefaults(
+        trainer_image=trainer_image or env.get("KUBEDREAM_TRAINER_IMAGE") or DEFAULT_TRAINER_IMAGE,
+        service_account=env.get("KUBEDREAM_TRAINER_SERVICE_ACCOUNT", "default"),
+        termination_grace_seconds=int(env.get("KUBEDREAM_TERMINATION_GRACE_SECONDS", "600")),
+        storage=storage_defaults(env),
+    )
 
 
 def trainer_resources(spec: FineTuneJobSpec) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """`kubedream render JOB.yaml`: print the objects the operator would create, as a YAML stream.
 
 The output is what the operator applies for the same job, with the namespace from the
-manifest (or `default`) and, unless the manifest carries one, a placeholder owner uid.
+manifest (or `default`), the operator's defaults from the same environment variables
+(KUBEDREAM_TRAINER_IMAGE, KUBEDREAM_S3_*, ...; `kubedream operator --help`) and, unless the
+manifest carries one, a placeholder owner uid.
 Do not apply it as is: objects owned by a uid that does not exist are garbage-collected.
 """
 
@@ -14,7 +16,13 @@ from typing import Any
 
 import yaml
 
-from .render import UID_PLACEHOLDER, OperatorDefaults, Owner, render_children
+from .render import (
+    UID_PLACEHOLDER,
+    Owner,
+    defaults_from,
+    render_children,
+    with_storage_defaults,
+)
 from .spec import SpecError, load_job
 
 
@@ -42,11 +50,15 @@ def run(args: argparse.Namespace) -> int:
     except SpecError as exc:
         print(exc.report(args.job), file=sys.stderr)
         return 1
-    defaults = OperatorDefaults(trainer_image=args.image) if args.image else OperatorDefaults()
+    try:
+        defaults = defaults_from(args.image)
+    except SpecError as exc:
+        print(exc.report("environment"), file=sys.stderr)
+        return 1
     owner = Owner(
         name=job.name, namespace=job.namespace or "default", uid=job.uid or UID_PLACEHOLDER
     )
-    objects = render_children(owner, job.spec, defaults)
+    objects = render_children(owner, with_storage_defaults(job.spec, defaults), defaults)
     if owner.uid == UID_PLACEHOLDER:
         sys.stdout.write(
             f"# ownerReferences carry the placeholder uid {UID_PLACEHOLDER}: for reading, not for applying.\n"

@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 
-from kubedream_operator.main import defaults_from, storage_defaults
-from kubedream_operator.render import DEFAULT_TRAINER_IMAGE
+from kubedream_operator.render import DEFAULT_TRAINER_IMAGE, defaults_from, storage_defaults
 from kubedream_operator.spec import SpecError
 
 
 def test_flag_beats_environment_beats_default() -> None:
-    none = argparse.Namespace(trainer_image=None)
-    assert defaults_from(none, {}).trainer_image == DEFAULT_TRAINER_IMAGE
-    assert defaults_from(none, {"KUBEDREAM_TRAINER_IMAGE": "env:1"}).trainer_image == "env:1"
-    flag = argparse.Namespace(trainer_image="flag:1")
-    assert defaults_from(flag, {"KUBEDREAM_TRAINER_IMAGE": "env:1"}).trainer_image == "flag:1"
+    assert defaults_from(None, {}).trainer_image == DEFAULT_TRAINER_IMAGE
+    assert defaults_from(None, {"KUBEDREAM_TRAINER_IMAGE": "env:1"}).trainer_image == "env:1"
+    assert defaults_from("flag:1", {"KUBEDREAM_TRAINER_IMAGE": "env:1"}).trainer_image == "flag:1"
 
 
 def test_service_account_and_grace_period_from_environment() -> None:
     defaults = defaults_from(
-        argparse.Namespace(trainer_image=None),
+        None,
         {
             "KUBEDREAM_TRAINER_SERVICE_ACCOUNT": "trainer",
             "KUBEDREAM_TERMINATION_GRACE_SECONDS": "900",

@@ -281,6 +281,37 @@ def test_kubedream_render_prints_the_objects(capsys: pytest.CaptureFixture[str])
     assert objects[2]["metadata"]["namespace"] == "default"
 
 
+def test_kubedream_render_uses_the_operators_environment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What `kubedream operator` would apply in the same environment: its default trainer
+    image and S3 defaults (a flag still wins)."""
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kubedream.io/v1alpha1",
+                "kind": "FineTuneJob",
+                "metadata": {"name": "envy"},
+                "spec": minimal_spec(),
+            }
+        )
+    )
+    monkeypatch.setenv("KUBEDREAM_TRAINER_IMAGE", "registry.local/trainer:env")
+    monkeypatch.setenv("KUBEDREAM_S3_ENDPOINT", "http://minio.local:9000")
+    assert main(["render", str(job)]) == 0
+    objects = {o["kind"]: o for o in yaml.safe_load_all(capsys.readouterr().out)}
+    (container,) = objects["Job"]["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "registry.local/trainer:env"
+    rendered = yaml.safe_load(objects["ConfigMap"]["data"]["job.yaml"])
+    assert rendered["spec"]["storage"]["endpoint"] == "http://minio.local:9000"
+    assert main(["render", str(job), "--image", "flag:1"]) == 0
+    assert "image: flag:1" in capsys.readouterr().out
+    monkeypatch.setenv("KUBEDREAM_S3_ADDRESSING_STYLE", "sideways")
+    assert main(["render", str(job)]) == 1
+    assert "KUBEDREAM_S3_ADDRESSING_STYLE" in capsys.readouterr().err
+
+
 def test_kubedream_render_rejects_an_invalid_job(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
