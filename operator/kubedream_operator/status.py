@@ -210,9 +210,22 @@ def trainer_message(progress: Mapping[str, Any] | None) -> str | None:
     return str(message).strip() or None if message else None
 
 
+def _counts_as_failure(pod: Mapping[str, Any]) -> bool:
+    """A Failed pod the Job's podFailurePolicy does not ignore: not a disruption, and not a
+    rank that stopped with its group (`contract.IGNORED_EXIT_CODES`)."""
+    if (pod.get("status") or {}).get("phase") != "Failed":
+        return False
+    if _true_condition(pod, "DisruptionTarget"):
+        return False
+    code = (_trainer_termination(pod) or {}).get("exitCode")
+    return code not in contract.IGNORED_EXIT_CODES
+
+
 def restarts(job: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]]) -> int:
-    """Trainer pods that failed: the failed pods still listed, or the Job's count if that is higher."""
-    listed = sum(1 for p in pods if (p.get("status") or {}).get("phase") == "Failed")
+    """Trainer pods that failed and counted (what the backoff limit counts): the failed pods
+    still listed, or the Job's count if that is higher. Disruptions and ranks stopped with
+    their group are replaced without counting, and are not restarts here either."""
+    listed = sum(1 for p in pods if _counts_as_failure(p))
     counted = int(((job or {}).get("status") or {}).get("failed") or 0)
     return max(listed, counted)
 

@@ -145,6 +145,7 @@ def test_evicting_one_pod_restarts_the_group_without_spending_the_backoff_limit(
     assert job["status"].get("failed", 0) == 0  # both ignored by the podFailurePolicy
     assert job["status"]["succeeded"] == 2
     assert status["step"] == 60
+    assert status["restarts"] == 0  # neither pod counted against the backoff limit
 
     # Both replacements resumed from the checkpoint the evicted group committed.
     committed = [

@@ -159,6 +159,24 @@ def test_restarts_count_failed_pods(spec: FineTuneJobSpec) -> None:
     assert derive(spec, job=job(failed=3), pods=pods)["restarts"] == 3
 
 
+def test_restarts_leave_out_what_the_backoff_limit_does_not_count(spec: FineTuneJobSpec) -> None:
+    """An evicted pod (DisruptionTarget) and a rank that stopped with its group (exit 76) are
+    replaced without counting against the backoff limit: not restarts either."""
+    disrupted = pod("Failed", "j-0-aaaaa", **terminated(143))
+    disrupted["status"]["conditions"] = [
+        {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}
+    ]
+    pods = [
+        disrupted,
+        pod("Failed", "j-1-bbbbb", **terminated(76)),
+        pod("Running", "j-0-ccccc"),
+        pod("Running", "j-1-ddddd"),
+    ]
+    assert derive(spec, job=job(failed=0), pods=pods)["restarts"] == 0
+    pods.append(pod("Failed", "j-1-eeeee", **terminated(1)))
+    assert derive(spec, job=job(failed=1), pods=pods)["restarts"] == 1
+
+
 def test_succeeded(spec: FineTuneJobSpec) -> None:
     complete = job(
         conditions=[
