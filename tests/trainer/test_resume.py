@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -111,17 +113,18 @@ def test_stop_at_3_then_resume_to_6_is_bit_identical_to_6_straight(
     _assert_same_checkpoint(tmp_path / "a/checkpoints/step-6", tmp_path / "b/checkpoints/step-6")
 
 
-def test_sigterm_commits_a_checkpoint_exits_143_and_a_second_trainer_is_kept_out(
-    tmp_path: Path, data_root: Path, trainer_env: dict[str, str]
-) -> None:
-    output = tmp_path / "out"
-    job = write_job(tmp_path / "job.yaml", data_root, output, training={"maxSteps": 2000})
-    log = (tmp_path / "stdout").open("w"), (tmp_path / "stderr").open("w")
+@contextmanager
+def trainer_at_step_2(
+    job: Path, output: Path, env: dict[str, str]
+) -> Iterator[subprocess.Popen[str]]:
+    """`kubedream train JOB` as a subprocess (stdout and stderr together, as text), yielded
+    once its progress.json says step 2; killed on the way out if still running."""
     process = subprocess.Popen(
         [sys.executable, "-m", "kubedream_trainer.cli", "train", str(job), "--device", "cpu"],
-        env=trainer_env,
-        stdout=log[0],
-        stderr=log[1],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 240
@@ -129,21 +132,30 @@ def test_sigterm_commits_a_checkpoint_exits_143_and_a_second_trainer_is_kept_out
             progress = output / "progress.json"
             if progress.exists() and json.loads(progress.read_text() or "{}").get("step", 0) >= 2:
                 break
-            time.sleep(0.2)
-        assert process.poll() is None, (tmp_path / "stderr").read_text()
+            time.sleep(0.1)
+        assert process.poll() is None, process.communicate()[0]
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_sigterm_commits_a_checkpoint_exits_143_and_a_second_trainer_is_kept_out(
+    tmp_path: Path, data_root: Path, trainer_env: dict[str, str]
+) -> None:
+    output = tmp_path / "out"
+    job = write_job(tmp_path / "job.yaml", data_root, output, training={"maxSteps": 2000})
+    with trainer_at_step_2(job, output, trainer_env) as process:
         # A second trainer on the same output is turned away without writing anything.
         holder = read_json(output / "lease.json")["owner"]
         assert train(job) == ExitCode.OUTPUT_LOCKED
         assert read_json(output / "lease.json")["owner"] == holder
         assert read_json(output / "progress.json")["phase"] != "Failed"
         process.send_signal(signal.SIGTERM)
-        code = process.wait(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        for handle in log:
-            handle.close()
-    assert code == 143, (tmp_path / "stderr").read_text()
+        log, _ = process.communicate(timeout=120)
+        code = process.returncode
+    assert code == 143, log
     steps = committed_steps(output)
     assert len(steps) == 1
     assert steps[0] >= 2
@@ -178,29 +190,12 @@ def test_a_trainer_whose_lease_is_taken_over_stops_at_once_without_writing(
         training={"maxSteps": 2000},
         output={"saveEverySteps": 1000},
     )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "kubedream_trainer.cli", "train", str(job), "--device", "cpu"],
-        env={**trainer_env, "KUBEDREAM_LEASE_TTL": "0.9"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and process.poll() is None:
-            progress = output / "progress.json"
-            if progress.exists() and json.loads(progress.read_text() or "{}").get("step", 0) >= 2:
-                break
-            time.sleep(0.1)
-        assert process.poll() is None
+    with trainer_at_step_2(job, output, {**trainer_env, "KUBEDREAM_LEASE_TTL": "0.9"}) as process:
         usurper = {"owner": "usurper", "host": "elsewhere", "expiresAtUnix": time.time() + 600}
         (output / "lease.json").write_text(json.dumps(usurper))
         taken_at = time.monotonic()
         log, _ = process.communicate(timeout=60)
         assert time.monotonic() - taken_at < 30
-    finally:
-        if process.poll() is None:
-            process.kill()
     assert process.returncode == ExitCode.OUTPUT_LOCKED, log
     assert "another trainer took over the lease" in log
     assert committed_steps(output) == []
