@@ -10,7 +10,7 @@ where DDP's full copy per GPU stops fitting first). What changes against DDP:
 - Gradient accumulation skips the reduce-scatter on all micro-batches but the last
   (`set_requires_gradient_sync`), as DDP's `no_sync` skips the all-reduce.
 - Checkpoints keep DDP's layout, so a run may resume with either: every rank takes part in
-  gathering full state dicts (`full_model_state`, `full_optimizer_state`, `full_tensors`),
+  gathering full state dicts (`full_model_state`, `full_optimizer_state`, `full_tensor`),
   rank 0 writes them, and a resumed FSDP run loads full state dicts back into its shards.
   The exported formats (diffusers folder, single file) come from a CPU copy of the trained
   modules that rank 0 keeps for that purpose (`ExportCopy`).
@@ -73,10 +73,6 @@ def shard(module: nn.Module) -> None:
     fully_shard(module)
 
 
-def is_sharded(module: nn.Module) -> bool:
-    return isinstance(module, FSDPModule)
-
-
 @contextmanager
 def gradient_sync_off(modules: Iterable[nn.Module]) -> Iterator[None]:
     """Skip the gradient reduce-scatter for the micro-batches inside (accumulation)."""
@@ -102,23 +98,18 @@ def shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(whole.to(like.device), like.device_mesh, like.placements)
 
 
-def full_tensors(values: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    """Whole CPU copies of `values` (every rank calls it; all get them)."""
-    return [full_tensor(v.detach()).cpu() for v in values]
-
-
 def full_model_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """The module's whole state dict on rank 0 (CPU), {} elsewhere; every rank calls it."""
     return cast(dict[str, torch.Tensor], get_model_state_dict(module, options=_FULL))
 
 
 def load_model_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load a whole state dict (on every rank) into the module's shards."""
-    set_model_state_dict(module, dict(state), options=_LOAD)
-
-
-def _container(modules: dict[str, nn.Module]) -> nn.Module:
-    return nn.ModuleDict(modules)
+    """Load a whole state dict (present on every rank): into the shards of an FSDP module,
+    as `load_state_dict(strict=True)` into any other."""
+    if isinstance(module, FSDPModule):
+        set_model_state_dict(module, dict(state), options=_LOAD)
+    else:
+        module.load_state_dict(state, strict=True)
 
 
 def _param_names(container: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
@@ -134,7 +125,7 @@ def full_optimizer_state(
     """The optimizer's whole state on rank 0 in `optimizer.state_dict()`'s own layout
     (integer parameter ids), so checkpoints of FSDP and DDP runs look alike; every rank calls
     it, the others get {}."""
-    container = _container(modules)
+    container = nn.ModuleDict(modules)
     by_name: dict[str, Any] = dict(get_optimizer_state_dict(container, optimizer, options=_FULL))
     if not by_name:
         return {}
@@ -151,7 +142,7 @@ def load_optimizer_state(
     modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, state: dict[str, Any]
 ) -> None:
     """Load a whole `optimizer.state_dict()` (integer ids, on every rank) into the shards."""
-    container = _container(modules)
+    container = nn.ModuleDict(modules)
     names = _param_names(container, optimizer)
     groups = []
     for group in state["param_groups"]:

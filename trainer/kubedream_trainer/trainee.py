@@ -172,15 +172,9 @@ def build(
 def restore(trainee: Trainee, loaded: LoadedState, accelerator: Accelerator, rank: int) -> Position:
     """Load a checkpoint's training state; returns where training stands."""
     components = trainee.components
-    if trainee.sharded:
-        load_model_state(components.unet, loaded.unet)
-    else:
-        components.unet.load_state_dict(loaded.unet, strict=True)
+    load_model_state(components.unet, loaded.unet)  # into FSDP shards, or plainly
     if trainee.text_encoder_trains and loaded.text_encoder is not None:
-        if trainee.sharded:
-            load_model_state(components.text_encoder, loaded.text_encoder)
-        else:
-            components.text_encoder.load_state_dict(loaded.text_encoder, strict=True)
+        load_model_state(components.text_encoder, loaded.text_encoder)
     try:
         if trainee.sharded:
             load_optimizer_state(trainee.trained_modules(), trainee.optimizer, loaded.optimizer)
