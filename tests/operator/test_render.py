@@ -25,7 +25,14 @@ from kubedream_operator.render import (
     with_storage_defaults,
 )
 from kubedream_operator.render_cli import to_yaml_stream
-from kubedream_operator.spec import FineTuneJobSpec, StorageSpec, load_job, parse_spec
+from kubedream_operator.spec import (
+    API_VERSION,
+    KIND,
+    FineTuneJobSpec,
+    StorageSpec,
+    load_job,
+    parse_spec,
+)
 from kubedream_trainer.cli import main
 
 from .helpers import EXAMPLES, minimal_spec
@@ -281,22 +288,19 @@ def test_kubedream_render_prints_the_objects(capsys: pytest.CaptureFixture[str])
     assert objects[2]["metadata"]["namespace"] == "default"
 
 
+def _job_file(path: Path, name: str, spec: dict[str, Any]) -> Path:
+    """A FineTuneJob manifest file for `kubedream render`."""
+    manifest = {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name}, "spec": spec}
+    path.write_text(yaml.safe_dump(manifest))
+    return path
+
+
 def test_kubedream_render_uses_the_operators_environment(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What `kubedream operator` would apply in the same environment: its default trainer
     image and S3 defaults (a flag still wins)."""
-    job = tmp_path / "job.yaml"
-    job.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "kubedream.io/v1alpha1",
-                "kind": "FineTuneJob",
-                "metadata": {"name": "envy"},
-                "spec": minimal_spec(),
-            }
-        )
-    )
+    job = _job_file(tmp_path / "job.yaml", "envy", minimal_spec())
     monkeypatch.setenv("KUBEDREAM_TRAINER_IMAGE", "registry.local/trainer:env")
     monkeypatch.setenv("KUBEDREAM_S3_ENDPOINT", "http://minio.local:9000")
     assert main(["render", str(job)]) == 0
@@ -315,17 +319,7 @@ def test_kubedream_render_uses_the_operators_environment(
 def test_kubedream_render_rejects_an_invalid_job(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "kubedream.io/v1alpha1",
-                "kind": "FineTuneJob",
-                "metadata": {"name": "bad"},
-                "spec": minimal_spec(training={}),
-            }
-        )
-    )
+    bad = _job_file(tmp_path / "bad.yaml", "bad", minimal_spec(training={}))
     assert main(["render", str(bad)]) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
